@@ -1,0 +1,47 @@
+"""gbml: gradient-based meta-learning (MAML, FO-MAML, Reptile, iMAML) with tested gradients.
+
+The companion library of the gbml book. Parameters are plain ``dict[str, Tensor]``; an
+algorithm computes each task's meta-update Δ_t, and :func:`meta_step` averages them over a batch
+of tasks (with ``vmap`` or a loop) and hands the mean to any torch optimizer.
+"""
+
+from gbml.adapt import LossFn, proximal_task_adapt, task_adapt
+from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
+from gbml.cg import CGResult, conjugate_gradient, hessian_vector_product
+from gbml.errors import ConvergenceError, DivergenceError
+from gbml.meta import MetaStepResult, choose_batched, meta_gradient, meta_step
+from gbml.models import CompositeBatchNorm2d, ConvNet, SinusoidMLP, make_loss
+from gbml.params import Params, parameters_of
+from gbml.tasks import LinearRegressionTasks, SinusoidTasks, Task, stack_tasks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FOMAML",
+    "IMAML",
+    "MAML",
+    "CGResult",
+    "CompositeBatchNorm2d",
+    "ConvNet",
+    "ConvergenceError",
+    "DivergenceError",
+    "LinearRegressionTasks",
+    "LossFn",
+    "MetaAlgorithm",
+    "MetaStepResult",
+    "Params",
+    "Reptile",
+    "SinusoidMLP",
+    "SinusoidTasks",
+    "Task",
+    "choose_batched",
+    "conjugate_gradient",
+    "hessian_vector_product",
+    "make_loss",
+    "meta_gradient",
+    "meta_step",
+    "parameters_of",
+    "proximal_task_adapt",
+    "stack_tasks",
+    "task_adapt",
+]

@@ -1,0 +1,92 @@
+"""TASK_ADAPT: the inner loop that turns meta-parameters φ into task parameters θ_t.
+
+Both functions are written with :func:`torch.func.grad`, so they compose with an outer
+``grad`` (MAML differentiates straight through them) and with ``vmap`` (one call adapts a whole
+batch of tasks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+from torch.func import grad
+
+from gbml.params import Params, detached, squared_distance
+
+LossFn = Callable[[Params, Tensor, Tensor], Tensor]
+"""``ℓ(params, x, y) -> scalar``: the loss of a network with ``params`` on the batch ``(x, y)``."""
+
+
+def check_learning_rate(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_steps(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def task_adapt(
+    loss: LossFn,
+    phi: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    lr: float,
+    steps: int,
+    differentiable: bool = True,
+) -> Params:
+    """L steps of gradient descent on ``ℓ(·; x, y)`` from φ:
+
+        θ_0 = φ,    θ_{k+1} = θ_k − α ∇ℓ(θ_k),    return θ_L.
+
+    With ``differentiable=True`` the result stays a differentiable function of φ under an outer
+    ``torch.func`` transform (what MAML needs). With ``differentiable=False`` every iterate is
+    cut from the graph (a stop-gradient), as first-order methods assume: dθ_L/dφ is then taken
+    to be the identity by whoever uses the result, never computed.
+    """
+    check_learning_rate("inner learning rate", lr)
+    check_steps("number of inner steps", steps)
+    gradient = grad(loss)
+    theta = phi if differentiable else detached(phi)
+    for _ in range(steps):
+        g = gradient(theta, x, y)
+        theta = {name: theta[name] - lr * g[name] for name in theta}
+        if not differentiable:
+            theta = detached(theta)
+    return theta
+
+
+def proximal_task_adapt(
+    loss: LossFn,
+    phi: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    lam: float,
+    lr: float,
+    steps: int,
+) -> Params:
+    """iMAML's inner problem, solved approximately by L steps of gradient descent from φ:
+
+        θ_t ≈ argmin_θ  ℓ(θ; x, y) + λ/2 ‖θ − φ‖².
+
+    The result is never differentiated with respect to φ (iMAML gets its meta-gradient from
+    the implicit function theorem instead), so it is returned cut from the graph.
+    """
+    check_learning_rate("lambda (proximal regularisation)", lam)
+    check_learning_rate("inner learning rate", lr)
+    check_steps("number of inner steps", steps)
+    anchor = detached(phi)
+
+    def proximal_objective(theta: Params) -> Tensor:
+        return loss(theta, x, y) + 0.5 * lam * squared_distance(theta, anchor)
+
+    gradient = grad(proximal_objective)
+    theta = anchor
+    for _ in range(steps):
+        g = gradient(theta)
+        theta = detached({name: theta[name] - lr * g[name] for name in theta})
+    return theta

@@ -1,0 +1,46 @@
+"""What every meta-learning algorithm provides: its contribution Δ_t for one task.
+
+Algorithm 1 of the book, in code::
+
+    for each meta-iteration:
+        for each task t in the meta-batch:                  # a loop, or one vmap call
+            θ_t = TASK_ADAPT(φ, D_t^train)
+            Δ_t = the algorithm's meta-update
+        φ ← outer_optimizer(φ, mean_t Δ_t)
+
+An algorithm is a small frozen dataclass of hyperparameters whose :meth:`task_delta` does the
+two middle lines for one task. :func:`gbml.meta.meta_gradient` runs it over a batch and
+:func:`gbml.meta.meta_step` hands the mean to a torch optimizer as if it were a gradient.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor
+
+from gbml.adapt import LossFn
+from gbml.params import Params
+from gbml.tasks import Task
+
+TaskInfo = dict[str, Tensor]
+"""Per-task diagnostics returned beside Δ_t, e.g. ``{"query_loss": ℓ(θ_t; D_t^val)}``."""
+
+
+class MetaAlgorithm(ABC):
+    """Base class of MAML, FO-MAML, Reptile and iMAML."""
+
+    @abstractmethod
+    def task_delta(self, loss: LossFn, phi: Params, task: Task) -> tuple[Params, TaskInfo]:
+        """Δ_t for a single task (no task axis), plus diagnostics.
+
+        Must be free of data-dependent Python control flow so that ``vmap`` can batch it.
+        """
+
+    def diagnose(self, info: TaskInfo) -> None:
+        """Inspect a batch's diagnostics after the fact and raise if something went wrong.
+
+        Runs outside ``vmap``, so it may look at values. Non-finite losses and meta-gradients are
+        caught by :func:`gbml.meta.meta_gradient` for every algorithm; subclasses add their own
+        checks (iMAML: did conjugate gradient converge?).
+        """

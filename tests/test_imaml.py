@@ -1,0 +1,173 @@
+"""iMAML and its conjugate-gradient solver against closed forms on ridge regression."""
+
+from itertools import pairwise
+
+import pytest
+import torch
+from reference import clone_params, linear_regression_quantities, relative_error
+from torch import nn
+
+import gbml
+from gbml.params import flatten
+
+
+def ridge_setup(generator, dim=5, shots=8, queries=12):
+    model = nn.Linear(dim, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, dim, generator=generator, dtype=torch.float64))
+    task = gbml.LinearRegressionTasks(dim=dim, noise_std=0.3).sample(
+        1, shots, queries, generator, dtype=torch.float64
+    )
+    return model, task.task(0)
+
+
+def exact_ridge_meta_gradient(phi, task, lam):
+    """The proximal inner problem min_w mean((Xw − y)²) + λ/2‖w − φ‖² has gradient
+    Hw − b + λ(w − φ) with H = 2XᵀX/n, b = 2Xᵀy/n, so its minimiser is
+
+        θ*(φ) = (H + λI)⁻¹ (b + λφ),     dθ*/dφ = λ (H + λI)⁻¹ = (I + H/λ)⁻¹,
+
+    and the true meta-gradient is (dθ*/dφ)ᵀ ∇ℓ_val(θ*) = λ (H + λI)⁻¹ (H_val θ* − b_val)."""
+    h, b = linear_regression_quantities(*task.support)
+    h_val, b_val = linear_regression_quantities(*task.query)
+    eye = torch.eye(len(h), dtype=h.dtype)
+    theta_star = torch.linalg.solve(h + lam * eye, b + lam * phi["weight"].T)
+    meta_gradient = lam * torch.linalg.solve(h + lam * eye, h_val @ theta_star - b_val)
+    return theta_star.T, meta_gradient.T
+
+
+@pytest.mark.parametrize("lam", [0.5, 2.0, 10.0])
+def test_imaml_matches_the_exact_ridge_meta_gradient(lam, generator):
+    model, task = ridge_setup(generator)
+    phi = clone_params(model)
+    loss = gbml.make_loss(model)
+    theta_star, expected = exact_ridge_meta_gradient(phi, task, lam)
+
+    # A converged inner solve: step 1/(λ + ‖H‖) makes gradient descent a contraction.
+    h, _ = linear_regression_quantities(*task.support)
+    inner_lr = 1.0 / (lam + float(torch.linalg.eigvalsh(h).max()))
+    theta = gbml.proximal_task_adapt(loss, phi, *task.support, lam=lam, lr=inner_lr, steps=2000)
+    assert relative_error(theta["weight"], theta_star) < 1e-12
+
+    algorithm = gbml.IMAML(inner_lr=inner_lr, lam=lam, inner_steps=2000, cg_steps=10, cg_tol=1e-12)
+    delta, info = algorithm.task_delta(loss, phi, task)
+    assert relative_error(delta["weight"], expected) < 1e-8
+    assert float(info["cg_relative_residual"]) <= 1e-12
+    assert float(info["inner_gradient_norm"]) < 1e-12
+
+
+def test_imaml_error_shrinks_with_cg_steps(generator):
+    model, task = ridge_setup(generator, dim=12, shots=14)
+    phi = clone_params(model)
+    loss = gbml.make_loss(model)
+    lam = 0.2  # small λ: a poorly conditioned system that CG needs many steps for
+    _, expected = exact_ridge_meta_gradient(phi, task, lam)
+    h, _ = linear_regression_quantities(*task.support)
+    inner_lr = 1.0 / (lam + float(torch.linalg.eigvalsh(h).max()))
+    errors = []
+    for cg_steps in (1, 2, 4, 8, 12):
+        algorithm = gbml.IMAML(
+            inner_lr, lam, inner_steps=1500, cg_steps=cg_steps, on_cg_failure="warn", cg_tol=0
+        )
+        delta, _ = algorithm.task_delta(loss, phi, task)
+        errors.append(relative_error(delta["weight"], expected))
+    assert errors[0] > 1e-2, errors  # one step is far off ...
+    assert all(later < earlier for earlier, later in pairwise(errors)), errors
+    assert errors[-1] < 1e-8, errors  # ... and d = 12 steps solve a 12-dimensional system
+
+
+def random_spd(generator, n, condition):
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.logspace(0, torch.log10(torch.tensor(float(condition))), n, dtype=torch.float64)
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+def test_cg_solves_an_spd_system_to_tolerance(generator):
+    a = random_spd(generator, 60, condition=1e3)
+    b = torch.randn(60, generator=generator, dtype=torch.float64)
+    result = gbml.conjugate_gradient(lambda v: a @ v, b, max_iter=300, tol=1e-10)
+    true_residual = torch.linalg.vector_norm(b - a @ result.solution) / torch.linalg.vector_norm(b)
+    assert float(true_residual) <= 1e-10
+    assert float(result.relative_residual) == pytest.approx(float(true_residual), rel=1e-6)
+    assert relative_error(result.solution, torch.linalg.solve(a, b)) < 1e-7
+    assert 0 < int(result.iterations) < 300  # stopped updating once converged
+
+
+def test_cg_error_in_the_energy_norm_never_grows(generator):
+    """A theorem of CG: ‖x_k − x*‖_A is non-increasing in k. (In floating point, convergence takes
+    somewhat more than n = 30 steps; we measured 2.5e-5 relative after 30 and 1e-12 after 40.)"""
+    a = random_spd(generator, 30, condition=1e2)
+    b = torch.randn(30, generator=generator, dtype=torch.float64)
+    x_star = torch.linalg.solve(a, b)
+    errors = []
+    for k in range(1, 41):
+        e = gbml.conjugate_gradient(lambda v: a @ v, b, max_iter=k, tol=0).solution - x_star
+        errors.append(float(e @ a @ e) ** 0.5)
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in pairwise(errors))
+    assert errors[-1] < 1e-6 * errors[0]
+
+
+def test_cg_under_vmap_equals_separate_solves(generator):
+    matrices = torch.stack([random_spd(generator, 10, condition=c) for c in (1.0, 10.0, 1e3)])
+    rhs = torch.randn(3, 10, generator=generator, dtype=torch.float64)
+
+    def solve(a, b):
+        return gbml.conjugate_gradient(lambda v: a @ v, b, max_iter=15, tol=1e-9)
+
+    batched = torch.func.vmap(solve)(matrices, rhs)
+    for i in range(3):
+        single = solve(matrices[i], rhs[i])
+        assert relative_error(batched.solution[i], single.solution) < 1e-10
+        # the stopping test compares a residual with the tolerance; batched and single matrix
+        # products round differently, which may move that comparison by one iteration
+        assert abs(int(batched.iterations[i]) - int(single.iterations)) <= 1
+    # the identity converges in one step; masked iterations must leave it there
+    assert int(batched.iterations[0]) == 1
+
+
+def test_cg_with_zero_right_hand_side():
+    result = gbml.conjugate_gradient(lambda v: 2 * v, torch.zeros(4, dtype=torch.float64), max_iter=3)
+    assert float(result.solution.abs().max()) == 0.0
+    assert float(result.relative_residual) == 0.0
+
+
+def test_cg_reports_an_indefinite_system():
+    a = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    result = gbml.conjugate_gradient(lambda v: a @ v, b, max_iter=10, tol=1e-10)
+    assert float(result.relative_residual) > 1e-3  # did not pretend to converge
+
+
+def test_hessian_vector_product_matches_the_hessian(generator):
+    def f(params):
+        w = params["w"]
+        return (w**4).sum() + w[0] * w[1] * w[2]
+
+    w = torch.randn(3, generator=generator, dtype=torch.float64)
+    v = torch.randn(3, generator=generator, dtype=torch.float64)
+    hessian = torch.diag(12 * w**2)
+    hessian[0, 1] = hessian[1, 0] = w[2]
+    hessian[0, 2] = hessian[2, 0] = w[1]
+    hessian[1, 2] = hessian[2, 1] = w[0]
+    hv = gbml.hessian_vector_product(f, {"w": w}, {"w": v})["w"]
+    assert relative_error(hv, hessian @ v) < 1e-14
+
+
+def test_unconverged_cg_raises_or_warns(generator):
+    model, task = ridge_setup(generator, dim=12, shots=14)
+    loss = gbml.make_loss(model)
+    tasks = gbml.stack_tasks([task, task])
+    strict = gbml.IMAML(inner_lr=0.05, lam=0.2, inner_steps=20, cg_steps=1, cg_tol=1e-10)
+    with pytest.raises(gbml.ConvergenceError, match="conjugate gradient missed its tolerance"):
+        gbml.meta_gradient(strict, loss, clone_params(model), tasks, batched=False)
+    lenient = gbml.IMAML(
+        inner_lr=0.05, lam=0.2, inner_steps=20, cg_steps=1, cg_tol=1e-10, on_cg_failure="warn"
+    )
+    with pytest.warns(RuntimeWarning, match="conjugate gradient missed its tolerance"):
+        gbml.meta_gradient(lenient, loss, clone_params(model), tasks, batched=False)
+
+
+def test_flatten_orders_parameters_consistently(generator):
+    model, _ = ridge_setup(generator)
+    params = clone_params(model)
+    assert flatten(params).shape == (5,)

@@ -1,0 +1,64 @@
+"""Task samplers and networks: shapes, distributions, reproducibility."""
+
+import math
+
+import torch
+
+import gbml
+
+
+def test_sinusoid_tasks_follow_the_maml_distribution():
+    sampler = gbml.SinusoidTasks()
+    generator = torch.Generator().manual_seed(0)
+    amplitude, phase = sampler.sample_functions(4000, generator)
+    assert float(amplitude.min()) >= 0.1 and float(amplitude.max()) <= 5.0
+    assert float(phase.min()) >= 0.0 and float(phase.max()) <= math.pi
+    assert abs(float(amplitude.mean()) - 2.55) < 0.1
+    tasks = sampler.make_tasks(amplitude[:3], phase[:3], 5, 7, generator, dtype=torch.float64)
+    assert tasks.x_support.shape == (3, 5, 1) and tasks.y_query.shape == (3, 7, 1)
+    assert float(tasks.x_support.abs().max()) <= 5.0
+    for t in range(3):
+        expected = amplitude[t] * torch.sin(tasks.x_query[t] - phase[t])
+        assert torch.allclose(tasks.y_query[t], expected, atol=1e-14)
+
+
+def test_sampling_is_reproducible_and_device_independent():
+    a = gbml.SinusoidTasks().sample(3, 5, 5, torch.Generator().manual_seed(7))
+    b = gbml.SinusoidTasks().sample(3, 5, 5, torch.Generator().manual_seed(7))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a.x_support.dtype == torch.float32
+
+
+def test_noise_free_linear_tasks_are_exactly_linear():
+    sampler = gbml.LinearRegressionTasks(dim=3, noise_std=0.0)
+    generator = torch.Generator().manual_seed(1)
+    weights = sampler.sample_weights(2, generator)
+    tasks = sampler.make_tasks(weights, 4, 6, generator, dtype=torch.float64)
+    for t in range(2):
+        x_all, y_all = tasks.task(t).joined()
+        assert torch.allclose(x_all @ weights[t].unsqueeze(-1), y_all, atol=1e-14)
+    assert tasks.x_query.shape == (2, 6, 3) and tasks.y_support.shape == (2, 4, 1)
+
+
+def test_stack_tasks_builds_a_batch():
+    tasks = gbml.SinusoidTasks().sample(3, 2, 2, torch.Generator().manual_seed(0))
+    batch = gbml.stack_tasks([tasks.task(t) for t in range(3)])
+    assert all(torch.equal(x, y) for x, y in zip(batch, tasks))
+
+
+def test_conv_net_is_the_maml_architecture():
+    model = gbml.ConvNet(ways=5)
+    counts = {name: p.numel() for name, p in model.named_parameters()}
+    convs = [n for n in counts if n.endswith("weight") and counts[n] % 9 == 0 and "features" in n]
+    assert len(convs) == 4
+    # 3×3 convolutions with 64 filters: 1·64·9+64, then 3 × (64·64·9+64); batch norm 4 × 128;
+    # the head 64·5+5 (four poolings take 28×28 down to 1×1).
+    assert sum(counts.values()) == (64 * 9 + 64) + 3 * (64 * 64 * 9 + 64) + 4 * 128 + (64 * 5 + 5)
+    assert model(torch.zeros(7, 1, 28, 28)).shape == (7, 5)
+
+
+def test_sinusoid_mlp_is_1_40_40_1():
+    model = gbml.SinusoidMLP()
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
+    assert model(torch.zeros(3, 1)).shape == (3, 1)
