@@ -38,7 +38,7 @@ def task_adapt(
     steps: int,
     differentiable: bool = True,
 ) -> Params:
-    """L steps of gradient descent on ``ℓ(·; x, y)`` from φ:
+    """L steps of gradient descent on ``ℓ(·; x, y)`` from φ::
 
         θ_0 = φ,    θ_{k+1} = θ_k − α ∇ℓ(θ_k),    return θ_L.
 
@@ -69,7 +69,7 @@ def proximal_task_adapt(
     lr: float,
     steps: int,
 ) -> Params:
-    """iMAML's inner problem, solved approximately by L steps of gradient descent from φ:
+    """iMAML's inner problem, solved approximately by L steps of gradient descent from φ::
 
         θ_t ≈ argmin_θ  ℓ(θ; x, y) + λ/2 ‖θ − φ‖².
 

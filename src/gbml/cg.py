@@ -43,7 +43,7 @@ def conjugate_gradient(
 
     Starting from x₀ = 0 with residual r₀ = p₀ = b, each iteration moves along the search
     direction p by the step that minimises ½xᵀAx − bᵀx on that line, then makes the next
-    direction A-conjugate to the previous ones:
+    direction A-conjugate to the previous ones::
 
         α = rᵀr / pᵀAp,   x ← x + α p,   r ← r − α A p,   β = r_newᵀr_new / rᵀr,   p ← r + β p.
 

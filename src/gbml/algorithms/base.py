@@ -9,8 +9,8 @@ Algorithm 1 of the book, in code::
         φ ← outer_optimizer(φ, mean_t Δ_t)
 
 An algorithm is a small frozen dataclass of hyperparameters whose :meth:`task_delta` does the
-two middle lines for one task. :func:`gbml.meta.meta_gradient` runs it over a batch and
-:func:`gbml.meta.meta_step` hands the mean to a torch optimizer as if it were a gradient.
+two middle lines for one task. :func:`gbml.meta_gradient` runs it over a batch and
+:func:`gbml.meta_step` hands the mean to a torch optimizer as if it were a gradient.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class MetaAlgorithm(ABC):
         Must be free of data-dependent Python control flow so that ``vmap`` can batch it.
         """
 
-    def diagnose(self, info: TaskInfo) -> None:
+    def diagnose(self, info: TaskInfo) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Inspect a batch's diagnostics after the fact and raise if something went wrong.
 
         Runs outside ``vmap``, so it may look at values. Non-finite losses and meta-gradients are

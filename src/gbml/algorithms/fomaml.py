@@ -1,4 +1,4 @@
-"""First-order MAML (Finn et al., 2017): MAML with the inner loop's Jacobian replaced by I.
+"""First-order MAML (Finn et al., 2017): MAML with the inner loop's Jacobian replaced by I::
 
     θ_t = TASK_ADAPT(φ, D_t^train)     (not differentiated)
     Δ_t = ∇_θ ℓ(θ_t; D_t^val)

@@ -1,11 +1,11 @@
 """iMAML (Rajeswaran et al., 2019): the meta-gradient from the implicit function theorem.
 
-The inner problem is proximal,
+The inner problem is proximal::
 
     θ_t(φ) = argmin_θ  ℓ_train(θ) + λ/2 ‖θ − φ‖²,
 
 and at its minimum ∇ℓ_train(θ_t) + λ(θ_t − φ) = 0. Differentiating that identity in φ gives
-dθ_t/dφ = (I + ∇²ℓ_train(θ_t)/λ)⁻¹, which is symmetric, so
+dθ_t/dφ = (I + ∇²ℓ_train(θ_t)/λ)⁻¹, which is symmetric, so::
 
     Δ_t = (I + H/λ)⁻¹ ∇ℓ_val(θ_t),     H = ∇²ℓ_train(θ_t).
 

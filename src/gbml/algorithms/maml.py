@@ -1,4 +1,4 @@
-"""MAML (Finn et al., 2017): differentiate the query loss through the whole inner loop.
+"""MAML (Finn et al., 2017): differentiate the query loss through the whole inner loop::
 
     θ_t(φ) = TASK_ADAPT(φ, D_t^train)          (L differentiable gradient steps)
     Δ_t    = ∇_φ ℓ(θ_t(φ); D_t^val)

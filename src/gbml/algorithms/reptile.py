@@ -1,4 +1,4 @@
-"""Reptile (Nichol et al., 2018): move φ towards the task's adapted parameters.
+"""Reptile (Nichol et al., 2018): move φ towards the task's adapted parameters::
 
     θ_t = TASK_ADAPT(φ, D_t)      (L steps on the task's whole data, support and query)
     Δ_t = φ − θ_t
