@@ -10,11 +10,11 @@ import gbml
 def test_sinusoid_tasks_follow_the_maml_distribution():
     sampler = gbml.SinusoidTasks()
     generator = torch.Generator().manual_seed(0)
-    amplitude, phase = sampler.sample_functions(4000, generator)
+    amplitude, phase = sampler.sample_parameters(4000, generator)
     assert float(amplitude.min()) >= 0.1 and float(amplitude.max()) <= 5.0
     assert float(phase.min()) >= 0.0 and float(phase.max()) <= math.pi
     assert abs(float(amplitude.mean()) - 2.55) < 0.1
-    tasks = sampler.make_tasks(amplitude[:3], phase[:3], 5, 7, generator, dtype=torch.float64)
+    tasks = sampler.make_tasks((amplitude[:3], phase[:3]), 5, 7, generator, dtype=torch.float64)
     assert tasks.x_support.shape == (3, 5, 1) and tasks.y_query.shape == (3, 7, 1)
     assert float(tasks.x_support.abs().max()) <= 5.0
     for t in range(3):
@@ -32,8 +32,8 @@ def test_sampling_is_reproducible_and_device_independent():
 def test_noise_free_linear_tasks_are_exactly_linear():
     sampler = gbml.LinearRegressionTasks(dim=3, noise_std=0.0)
     generator = torch.Generator().manual_seed(1)
-    weights = sampler.sample_weights(2, generator)
-    tasks = sampler.make_tasks(weights, 4, 6, generator, dtype=torch.float64)
+    (weights,) = sampler.sample_parameters(2, generator)
+    tasks = sampler.make_tasks((weights,), 4, 6, generator, dtype=torch.float64)
     for t in range(2):
         x_all, y_all = tasks.task(t).joined()
         assert torch.allclose(x_all @ weights[t].unsqueeze(-1), y_all, atol=1e-14)

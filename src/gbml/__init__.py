@@ -12,7 +12,7 @@ from gbml.errors import ConvergenceError, DivergenceError
 from gbml.meta import MetaStepResult, choose_batched, meta_gradient, meta_step
 from gbml.models import CompositeBatchNorm2d, ConvNet, SinusoidMLP, make_loss
 from gbml.params import Params, parameters_of
-from gbml.tasks import LinearRegressionTasks, SinusoidTasks, Task, stack_tasks
+from gbml.tasks import LinearRegressionTasks, SinusoidTasks, Task, TaskFamily, stack_tasks
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "SinusoidMLP",
     "SinusoidTasks",
     "Task",
+    "TaskFamily",
     "choose_batched",
     "conjugate_gradient",
     "hessian_vector_product",

@@ -11,6 +11,7 @@ requested device afterwards, so a seed gives the same tasks on every device.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -110,37 +111,28 @@ def _check_counts(num_tasks: int, shots: int, queries: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-@dataclass(frozen=True)
-class SinusoidTasks:
-    """The sinusoid regression family of Finn et al. (2017): y = A sin(x − b).
+class TaskFamily(ABC):
+    """A distribution over tasks: draw each task's hidden parameters, then its data.
 
-    Amplitude A ~ U[0.1, 5], phase b ~ U[0, π], inputs x ~ U[−5, 5]; K support and Q query
-    points per task. Inputs and targets have shape ``(..., 1)``.
+    Subclasses say how to draw the parameters (a tuple of tensors with a leading task axis) and
+    the data given them; splitting into support and query sets and moving to a device is shared.
     """
 
-    amplitude_range: tuple[float, float] = (0.1, 5.0)
-    phase_range: tuple[float, float] = (0.0, math.pi)
-    x_range: tuple[float, float] = (-5.0, 5.0)
-
-    def __post_init__(self) -> None:
-        for name in ("amplitude_range", "phase_range", "x_range"):
-            low, high = getattr(self, name)
-            if not low <= high:
-                raise ValueError(f"{name} must be (low, high) with low <= high, got {(low, high)}")
-
-    def sample_functions(
+    @abstractmethod
+    def sample_parameters(
         self, num_tasks: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, ...]:
+        """Draw the hidden parameters of ``num_tasks`` tasks (float64, leading task axis)."""
+
+    @abstractmethod
+    def draw_data(
+        self, parameters: tuple[Tensor, ...], num_points: int, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """Draw ``num_tasks`` (amplitude, phase) pairs, each a float64 tensor of shape (T,)."""
-        _check_counts(num_tasks, 1, 1)
-        amplitude = _uniform(self.amplitude_range, (num_tasks,), generator)
-        phase = _uniform(self.phase_range, (num_tasks,), generator)
-        return amplitude, phase
+        """Inputs and targets, shapes (T, num_points, ...), for tasks with these parameters."""
 
     def make_tasks(
         self,
-        amplitude: Tensor,
-        phase: Tensor,
+        parameters: tuple[Tensor, ...],
         shots: int,
         queries: int,
         generator: torch.Generator | None = None,
@@ -148,11 +140,10 @@ class SinusoidTasks:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> Task:
-        """Draw inputs for the given functions: a batch with ``shots`` support and ``queries``
-        query points per task."""
-        _check_counts(len(amplitude), shots, queries)
-        x = _uniform(self.x_range, (len(amplitude), shots + queries, 1), generator)
-        y = self.evaluate(amplitude, phase, x)
+        """A batch of tasks with the given parameters: ``shots`` support and ``queries`` query
+        points each."""
+        _check_counts(len(parameters[0]), shots, queries)
+        x, y = self.draw_data(parameters, shots + queries, generator)
         task = Task(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
         return task.to(device=device, dtype=dtype)
 
@@ -166,9 +157,47 @@ class SinusoidTasks:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> Task:
-        """Draw a batch of ``num_tasks`` tasks with ``shots`` support and ``queries`` query points."""
-        amplitude, phase = self.sample_functions(num_tasks, generator)
-        return self.make_tasks(amplitude, phase, shots, queries, generator, device=device, dtype=dtype)
+        """Draw a batch of ``num_tasks`` new tasks with ``shots`` support and ``queries`` query
+        points each."""
+        _check_counts(num_tasks, shots, queries)
+        parameters = self.sample_parameters(num_tasks, generator)
+        return self.make_tasks(parameters, shots, queries, generator, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class SinusoidTasks(TaskFamily):
+    """The sinusoid regression family of Finn et al. (2017): y = A sin(x − b).
+
+    Amplitude A ~ U[0.1, 5], phase b ~ U[0, π], inputs x ~ U[−5, 5]; K support and Q query
+    points per task. Inputs and targets have shape ``(..., 1)``. A task's parameters are
+    ``(amplitude, phase)``.
+    """
+
+    amplitude_range: tuple[float, float] = (0.1, 5.0)
+    phase_range: tuple[float, float] = (0.0, math.pi)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+
+    def __post_init__(self) -> None:
+        for name in ("amplitude_range", "phase_range", "x_range"):
+            low, high = getattr(self, name)
+            if not low <= high:
+                raise ValueError(f"{name} must be (low, high) with low <= high, got {(low, high)}")
+
+    def sample_parameters(
+        self, num_tasks: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``num_tasks`` (amplitude, phase) pairs, each a float64 tensor of shape (T,)."""
+        _check_counts(num_tasks, 1, 1)
+        amplitude = _uniform(self.amplitude_range, (num_tasks,), generator)
+        phase = _uniform(self.phase_range, (num_tasks,), generator)
+        return amplitude, phase
+
+    def draw_data(
+        self, parameters: tuple[Tensor, ...], num_points: int, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        amplitude, phase = parameters
+        x = _uniform(self.x_range, (len(amplitude), num_points, 1), generator)
+        return x, self.evaluate(amplitude, phase, x)
 
     @staticmethod
     def evaluate(amplitude: Tensor, phase: Tensor, x: Tensor) -> Tensor:
@@ -177,12 +206,12 @@ class SinusoidTasks:
 
 
 @dataclass(frozen=True)
-class LinearRegressionTasks:
+class LinearRegressionTasks(TaskFamily):
     """Linear regression tasks whose answers have closed forms.
 
     Task t has weights w_t = w̄ + σ_w ε (ε ~ N(0, I)); inputs x ~ N(0, I_d) and targets
     y = x·w_t + σ_y η. Targets have shape ``(..., 1)`` so that ``nn.Linear(dim, 1, bias=False)``
-    is the matching model.
+    is the matching model. A task's parameters are ``(weights,)``, weights of shape (T, dim).
     """
 
     dim: int = 5
@@ -196,44 +225,19 @@ class LinearRegressionTasks:
         if self.weight_std < 0 or self.noise_std < 0:
             raise ValueError("weight_std and noise_std must be non-negative")
 
-    def sample_weights(self, num_tasks: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``num_tasks`` weight vectors, shape (T, dim), float64."""
+    def sample_parameters(self, num_tasks: int, generator: torch.Generator | None = None) -> tuple[Tensor]:
+        """Draw ``num_tasks`` weight vectors: a one-tuple holding a (T, dim) float64 tensor."""
         _check_counts(num_tasks, 1, 1)
         noise = torch.randn(num_tasks, self.dim, generator=generator, dtype=torch.float64)
-        return self.weight_mean + self.weight_std * noise
+        return (self.weight_mean + self.weight_std * noise,)
 
-    def make_tasks(
-        self,
-        weights: Tensor,
-        shots: int,
-        queries: int,
-        generator: torch.Generator | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Task:
-        """Draw ``shots`` support and ``queries`` query points for each weight vector."""
-        _check_counts(len(weights), shots, queries)
-        n = shots + queries
-        x = torch.randn(len(weights), n, self.dim, generator=generator, dtype=torch.float64)
-        noise = torch.randn(len(weights), n, 1, generator=generator, dtype=torch.float64)
-        y = x @ weights.to(torch.float64).unsqueeze(-1) + self.noise_std * noise
-        task = Task(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
-        return task.to(device=device, dtype=dtype)
-
-    def sample(
-        self,
-        num_tasks: int,
-        shots: int,
-        queries: int,
-        generator: torch.Generator | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Task:
-        """Draw a batch of ``num_tasks`` tasks."""
-        weights = self.sample_weights(num_tasks, generator)
-        return self.make_tasks(weights, shots, queries, generator, device=device, dtype=dtype)
+    def draw_data(
+        self, parameters: tuple[Tensor, ...], num_points: int, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        (weights,) = parameters
+        x = torch.randn(len(weights), num_points, self.dim, generator=generator, dtype=torch.float64)
+        noise = torch.randn(len(weights), num_points, 1, generator=generator, dtype=torch.float64)
+        return x, x @ weights.to(torch.float64).unsqueeze(-1) + self.noise_std * noise
 
 
 def _uniform(

@@ -16,10 +16,11 @@ two middle lines for one task. :func:`gbml.meta_gradient` runs it over a batch a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from torch import Tensor
 
-from gbml.adapt import LossFn
+from gbml.adapt import LossFn, check_learning_rate, check_steps
 from gbml.params import Params
 from gbml.tasks import Task
 
@@ -44,3 +45,16 @@ class MetaAlgorithm(ABC):
         caught by :func:`gbml.meta.meta_gradient` for every algorithm; subclasses add their own
         checks (iMAML: did conjugate gradient converge?).
         """
+
+
+@dataclass(frozen=True)
+class GradientStepAlgorithm(MetaAlgorithm):
+    """An algorithm whose TASK_ADAPT is ``inner_steps`` (L) gradient steps of size ``inner_lr`` (α):
+    MAML, FO-MAML and Reptile."""
+
+    inner_lr: float
+    inner_steps: int = 1
+
+    def __post_init__(self) -> None:
+        check_learning_rate("inner_lr", self.inner_lr)
+        check_steps("inner_steps", self.inner_steps)

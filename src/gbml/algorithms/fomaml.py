@@ -14,22 +14,15 @@ from dataclasses import dataclass
 
 from torch.func import grad_and_value
 
-from gbml.adapt import LossFn, check_learning_rate, check_steps, task_adapt
-from gbml.algorithms.base import MetaAlgorithm, TaskInfo
+from gbml.adapt import LossFn, task_adapt
+from gbml.algorithms.base import GradientStepAlgorithm, TaskInfo
 from gbml.params import Params
 from gbml.tasks import Task
 
 
 @dataclass(frozen=True)
-class FOMAML(MetaAlgorithm):
+class FOMAML(GradientStepAlgorithm):
     """First-order MAML with ``inner_steps`` (L) steps of size ``inner_lr`` (α)."""
-
-    inner_lr: float
-    inner_steps: int = 1
-
-    def __post_init__(self) -> None:
-        check_learning_rate("inner_lr", self.inner_lr)
-        check_steps("inner_steps", self.inner_steps)
 
     def task_delta(self, loss: LossFn, phi: Params, task: Task) -> tuple[Params, TaskInfo]:
         theta = task_adapt(
