@@ -1,0 +1,49 @@
+"""Small helpers shared by the book's notebooks: device choice, smoke mode, run description.
+
+Every chapter starts with a papermill ``parameters`` cell holding ``device = "auto"`` and its
+run sizes, then calls these so that ``SMOKE_TEST=1`` (set by the test suite) shrinks the run and
+the output says which device and versions produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → the first CUDA GPU if there is one, else the CPU; anything else as given.
+
+    Raises ``ValueError`` for a CUDA device when none is available, rather than failing later.
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'")
+    return resolved
+
+
+def smoke_test() -> bool:
+    """Whether the ``SMOKE_TEST`` environment variable asks for a tiny run (``1``/``true``/``yes``)."""
+    return os.environ.get("SMOKE_TEST", "").strip().lower() in {"1", "true", "yes"}
+
+
+def pick(full, smoke):
+    """``smoke`` when running in smoke-test mode, otherwise ``full``."""
+    return smoke if smoke_test() else full
+
+
+def describe_run(device: torch.device) -> str:
+    """One line naming the device and versions that produced a notebook's outputs."""
+    if device.type == "cuda":
+        where = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        where = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    mode = "smoke test (reduced sizes)" if smoke_test() else "full run"
+    return f"Outputs produced on {where}, torch {torch.__version__}, {mode}."
