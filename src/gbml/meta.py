@@ -76,21 +76,36 @@ def meta_gradient(
         DivergenceError: a loss or Δ_t is NaN or infinite.
         ConvergenceError: (iMAML) a conjugate-gradient solve missed its tolerance.
     """
+    phi = _checked_inputs(phi, tasks)
+    deltas, info = per_task_deltas(algorithm, loss, phi, tasks, batched=choose_batched(loss, phi, batched))
+    raise_if_not_finite(deltas, info)
+    algorithm.diagnose(info)
+    return {name: d.mean(dim=0) for name, d in deltas.items()}, info
+
+
+def per_task_deltas(
+    algorithm: MetaAlgorithm, loss: LossFn, phi: Params, tasks: Task, *, batched: bool
+) -> tuple[Params, TaskInfo]:
+    """Every task's Δ_t (stacked on a leading task axis) and diagnostics, without any checks.
+
+    The building block of :func:`meta_gradient`, the CUDA-graph step and the distributed step;
+    it makes no host synchronisation, so it can be captured in a CUDA graph.
+    """
+    if batched:
+        return vmap(
+            lambda p, task: algorithm.task_delta(loss, p, task), in_dims=(None, 0), randomness="error"
+        )(phi, tasks)
+    per_task = [algorithm.task_delta(loss, phi, tasks.task(t)) for t in range(tasks.num_tasks)]
+    deltas = {name: torch.stack([d[name] for d, _ in per_task]) for name in phi}
+    info = {key: torch.stack([i[key] for _, i in per_task]) for key in per_task[0][1]}
+    return deltas, info
+
+
+def _checked_inputs(phi: Mapping[str, Tensor], tasks: Task) -> Params:
     check_task(tasks, batched=True)
     if not phi:
         raise ValueError("phi holds no parameters")
-    phi = detached(phi)
-    if choose_batched(loss, phi, batched):
-        deltas, info = vmap(
-            lambda p, task: algorithm.task_delta(loss, p, task), in_dims=(None, 0), randomness="error"
-        )(phi, tasks)
-    else:
-        per_task = [algorithm.task_delta(loss, phi, tasks.task(t)) for t in range(tasks.num_tasks)]
-        deltas = {name: torch.stack([d[name] for d, _ in per_task]) for name in phi}
-        info = {key: torch.stack([i[key] for _, i in per_task]) for key in per_task[0][1]}
-    _raise_if_not_finite(deltas, info)
-    algorithm.diagnose(info)
-    return {name: d.mean(dim=0) for name, d in deltas.items()}, info
+    return detached(phi)
 
 
 @dataclass
@@ -116,6 +131,7 @@ def meta_step(
     optimizer: torch.optim.Optimizer,
     *,
     batched: Batched = "auto",
+    distributed: bool = False,
 ) -> MetaStepResult:
     """One outer update: φ ← optimizer(φ, (1/T) Σ_t Δ_t).
 
@@ -123,24 +139,41 @@ def meta_step(
     ``gbml.parameters_of(model)``). Their ``.grad`` is overwritten with the meta-gradient, so
     any ``torch.optim`` optimizer (SGD, Adam, with schedulers) acts as the outer optimizer.
     Nothing is changed if the step raises.
+
+    With ``distributed=True`` (inside an initialised ``torch.distributed`` process group, e.g.
+    launched by ``torchrun``), ``tasks`` is this process's share of the meta-batch and the
+    meta-gradient is averaged over all processes (see :func:`gbml.distributed.meta_gradient`).
     """
-    delta, info = meta_gradient(algorithm, loss, params, tasks, batched=batched)
+    if distributed:
+        from gbml import distributed as dist_meta  # only needed, and importable, with torch.distributed
+
+        delta, info = dist_meta.meta_gradient(algorithm, loss, params, tasks, batched=batched)
+    else:
+        delta, info = meta_gradient(algorithm, loss, params, tasks, batched=batched)
     for name, p in params.items():
         p.grad = delta[name].to(p.dtype)
     optimizer.step()
     return MetaStepResult(delta, info)
 
 
-def _raise_if_not_finite(deltas: Params, info: TaskInfo) -> None:
-    checks = {f"Δ[{name}]": d for name, d in deltas.items()}
-    checks.update({key: value for key, value in info.items() if value.is_floating_point()})
-    finite = torch.stack([torch.isfinite(v).all() for v in checks.values()])
-    if bool(finite.all()):
+def non_finite_entries(deltas: Params, info: TaskInfo) -> Tensor:
+    """How many of the Δ tensors and floating-point diagnostics hold a NaN or an infinity
+    (a 0-d tensor; computed without synchronising with the host)."""
+    checks = [*deltas.values(), *(v for v in info.values() if v.is_floating_point())]
+    return torch.stack([~torch.isfinite(v).all() for v in checks]).sum()
+
+
+def raise_if_not_finite(deltas: Params, info: TaskInfo, bad_count: Tensor | None = None) -> None:
+    """Raise :class:`~gbml.errors.DivergenceError` if any Δ or loss is NaN or infinite."""
+    if bad_count is None:
+        bad_count = non_finite_entries(deltas, info)
+    if int(bad_count) == 0:
         return
-    bad = [key for key, ok in zip(checks, finite.tolist()) if not ok]
+    bad = [f"Δ[{name}]" for name, d in deltas.items() if not bool(torch.isfinite(d).all())]
+    bad += [key for key, v in info.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     losses = info["query_loss"].reshape(-1)
     raise DivergenceError(
-        f"meta-training diverged: {', '.join(bad)} contain NaN or infinite values "
+        f"meta-training diverged: {', '.join(bad) or 'another process'} contain NaN or infinite values "
         f"(query losses of the batch: {losses.tolist()[:8]}{' …' if losses.numel() > 8 else ''}). "
         "The learning rates are probably too large; φ was left unchanged."
     )
