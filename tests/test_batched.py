@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_classification_task
-from reference import clone_params, relative_error
 from torch import nn
 
 import gbml
+from conftest import make_classification_task
+from reference import clone_params, relative_error
 
 ALGORITHMS = {
     "maml": gbml.MAML(inner_lr=0.1, inner_steps=2),

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed_worker import ALGORITHMS, make_problem
-from reference import relative_error
 
 import gbml
+from distributed_worker import ALGORITHMS, make_problem
 from gbml.distributed import shard
+from reference import relative_error
 
 HERE = Path(__file__).resolve().parent
 

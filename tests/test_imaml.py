@@ -4,11 +4,11 @@ from itertools import pairwise
 
 import pytest
 import torch
-from reference import clone_params, linear_regression_quantities, relative_error
 from torch import nn
 
 import gbml
 from gbml.params import flatten
+from reference import clone_params, linear_regression_quantities, relative_error
 
 
 def ridge_setup(generator, dim=5, shots=8, queries=12):

@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
+
+import gbml
 from conftest import make_classification_task
 from reference import (
     adapted_params,
@@ -12,9 +15,6 @@ from reference import (
     query_loss_after_adaptation,
     relative_error,
 )
-from torch import nn
-
-import gbml
 
 SINUSOIDS = gbml.SinusoidTasks()
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_classification_task
-from reference import adapted_params, clone_params, loss_gradient, relative_error
 
 import gbml
+from conftest import make_classification_task
+from reference import adapted_params, clone_params, loss_gradient, relative_error
 
 
 def test_sgd_meta_step_applies_the_mean_first_order_gradient(generator, mlp_setup):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from reference import clone_params, linear_regression_quantities, loss_gradient, relative_error
 from torch import nn
 
 import gbml
+from reference import clone_params, linear_regression_quantities, loss_gradient, relative_error
 
 
 def test_one_step_on_the_whole_data_is_a_scaled_gradient(generator, mlp_setup):

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from reference import clone_params
 
 import gbml
 from gbml.params import unflatten
+from reference import clone_params
 
 
 @pytest.mark.parametrize("lr", [0, -0.1, math.nan, "0.1"])
