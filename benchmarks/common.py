@@ -1,0 +1,143 @@
+"""What the benchmark scripts share: the Omniglot-sized setting, random tasks, timing."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import gbml
+
+ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "imaml")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """N-way K-shot classification of 28×28×1 images with Q query images per class."""
+
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    meta_batch: int = 32
+    hidden: int = 64
+
+
+def make_algorithm(name: str, steps: int) -> gbml.MetaAlgorithm:
+    """The four algorithms with the MAML paper's Omniglot inner step size (α = 0.4)."""
+    if name == "maml":
+        return gbml.MAML(inner_lr=0.4, inner_steps=steps)
+    if name == "fomaml":
+        return gbml.FOMAML(inner_lr=0.4, inner_steps=steps)
+    if name == "reptile":
+        return gbml.Reptile(inner_lr=0.4, inner_steps=steps)
+    if name == "imaml":
+        # 5 CG steps as in the iMAML paper, all of them taken (cg_tol=0, so the timing does not
+        # depend on when a solve converges), with warnings instead of errors for the residual.
+        # λ = 100 keeps I + H/λ positive definite at a random initialisation, where H has large
+        # negative eigenvalues; then the higher baseline's plain CG computes the same Δ as gbml's.
+        return gbml.IMAML(
+            inner_lr=0.1, lam=100.0, inner_steps=steps, cg_steps=5, cg_tol=0.0, on_cg_failure="warn"
+        )
+    raise ValueError(f"unknown algorithm {name!r}; choose from {ALGORITHM_NAMES}")
+
+
+def make_model(setting: Setting, device: torch.device, dtype=torch.float32, conv: str = "native", seed=0):
+    torch.manual_seed(seed)
+    model = gbml.ConvNet(ways=setting.ways, hidden=setting.hidden, conv=conv).to(device=device, dtype=dtype)
+    return model, gbml.make_loss(model, F.cross_entropy)
+
+
+def make_tasks(setting: Setting, device: torch.device, dtype=torch.float32, seed: int = 0) -> gbml.Task:
+    """Random images with balanced labels: the speed of a meta-step does not depend on the pixels."""
+    g = torch.Generator().manual_seed(seed)
+    t, n_support, n_query = setting.meta_batch, setting.ways * setting.shots, setting.ways * setting.queries
+
+    def images(n):
+        return torch.randn(t, n, 1, 28, 28, generator=g)
+
+    def labels(n, per_class):
+        return torch.arange(setting.ways).repeat_interleave(per_class).expand(t, n).clone()
+
+    task = gbml.Task(
+        images(n_support), labels(n_support, setting.shots), images(n_query), labels(n_query, setting.queries)
+    )
+    return gbml.Task(
+        task.x_support.to(device, dtype),
+        task.y_support.to(device),
+        task.x_query.to(device, dtype),
+        task.y_query.to(device),
+    )
+
+
+def configure(device: torch.device) -> None:
+    """Settings every path is timed under: cuDNN picks the fastest algorithm for each shape
+    (shapes are fixed), and float32 matrix products may use TF32 tensor cores, as cuDNN's
+    convolutions already do by PyTorch's default."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step, device: torch.device, iterations: int, warmup: int) -> dict:
+    """Median wall time of ``step()`` over ``iterations`` after ``warmup`` calls, with the GPU
+    synchronised before every clock read, and the peak GPU memory the step reached."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iterations):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {
+        "median_ms": 1000 * statistics.median(times),
+        "min_ms": 1000 * min(times),
+        "max_ms": 1000 * max(times),
+        "iterations": iterations,
+        "peak_memory_mib": peak,
+    }
+
+
+def machine_description(device: torch.device) -> dict:
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    return info
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(
+        json.dumps(
+            payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)
+        )
+    )
+    tmp.replace(path)
