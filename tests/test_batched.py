@@ -80,6 +80,13 @@ def test_composite_batch_norm_matches_torch_in_the_forward_pass(generator):
     assert relative_error(bn(x), expected) < 1e-14
 
 
-def test_auto_loops_on_cpu(mlp_setup):
-    model, criterion = mlp_setup
-    assert gbml.choose_batched(gbml.make_loss(model, criterion), clone_params(model)) is False
+def test_auto_choice_on_cpu(mlp_setup, conv_setup):
+    mlp, criterion = mlp_setup
+    assert gbml.choose_batched(gbml.make_loss(mlp, criterion), clone_params(mlp)) is True
+    conv, criterion = conv_setup
+    assert gbml.choose_batched(gbml.make_loss(conv, criterion), clone_params(conv)) is False
+
+    def plain_function(params, x, y):
+        return ((x @ params["w"] - y) ** 2).mean()
+
+    assert gbml.choose_batched(plain_function, {"w": torch.zeros(3, 1)}) is False

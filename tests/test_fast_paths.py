@@ -7,6 +7,7 @@ from torch import nn
 
 import gbml
 from conftest import make_classification_task
+from gbml.graphs import GraphedMetaStep
 from reference import clone_params, relative_error
 from test_batched import ALGORITHMS
 
@@ -57,7 +58,7 @@ def test_graphed_step_equals_meta_step(name, generator):
     batches = [make_classification_task(generator, num_tasks=2) for _ in range(3)]
     model_a, params_a, adam_a = make_adam_setup(generator)
     model_b, params_b, adam_b = make_adam_setup(generator)
-    step = gbml.GraphedMetaStep(
+    step = GraphedMetaStep(
         ALGORITHMS[name],
         gbml.make_loss(model_b, F.cross_entropy),
         params_b,
@@ -78,7 +79,7 @@ def test_graphed_step_equals_meta_step(name, generator):
 def test_graphed_step_undoes_a_diverged_update(generator):
     model, params, adam = make_adam_setup(generator)
     tasks = make_classification_task(generator, num_tasks=2)
-    step = gbml.GraphedMetaStep(
+    step = GraphedMetaStep(
         gbml.FOMAML(0.1), gbml.make_loss(model, F.cross_entropy), params, adam, tasks, capture=False
     )
     step(tasks)
@@ -95,10 +96,11 @@ def test_graphed_step_undoes_a_diverged_update(generator):
         step(make_classification_task(generator, num_tasks=3))
 
 
-def test_graph_capture_needs_a_capturable_optimizer_and_a_gpu(generator):
+def test_graph_capture_needs_a_gpu_and_an_explicit_opt_in(generator):
     model, params, adam = make_adam_setup(generator)
     tasks = make_classification_task(generator, num_tasks=2)
+    loss = gbml.make_loss(model, F.cross_entropy)
+    with pytest.raises(NotImplementedError, match="disagree with the per-task loop"):
+        GraphedMetaStep(gbml.MAML(0.1), loss, params, adam, tasks, capture=True)
     with pytest.raises(ValueError, match="CUDA device"):
-        gbml.GraphedMetaStep(
-            gbml.MAML(0.1), gbml.make_loss(model, F.cross_entropy), params, adam, tasks, capture=True
-        )
+        GraphedMetaStep(gbml.MAML(0.1), loss, params, adam, tasks, capture=True, experimental=True)

@@ -40,6 +40,16 @@ def test_noise_free_linear_tasks_are_exactly_linear():
     assert tasks.x_query.shape == (2, 6, 3) and tasks.y_support.shape == (2, 4, 1)
 
 
+def test_joined_concatenates_along_the_sample_axis():
+    tasks = gbml.SinusoidTasks().sample(4, 5, 3, torch.Generator().manual_seed(0))
+    x_all, y_all = tasks.joined(batched=True)
+    assert x_all.shape == (4, 8, 1) and y_all.shape == (4, 8, 1)
+    x_one, _ = tasks.task(2).joined()
+    assert x_one.shape == (8, 1)
+    assert torch.equal(x_all[2], x_one)
+    assert torch.equal(x_one[:5], tasks.x_support[2]) and torch.equal(x_one[5:], tasks.x_query[2])
+
+
 def test_stack_tasks_builds_a_batch():
     tasks = gbml.SinusoidTasks().sample(3, 2, 2, torch.Generator().manual_seed(0))
     batch = gbml.stack_tasks([tasks.task(t) for t in range(3)])

@@ -9,7 +9,6 @@ from gbml.adapt import LossFn, proximal_task_adapt, task_adapt
 from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
 from gbml.cg import CGResult, conjugate_gradient, hessian_vector_product
 from gbml.errors import ConvergenceError, DivergenceError
-from gbml.graphs import GraphedMetaStep
 from gbml.meta import MetaStepResult, choose_batched, meta_gradient, meta_step
 from gbml.models import CompositeBatchNorm2d, ConvNet, SinusoidMLP, UnfoldConv2d, make_loss
 from gbml.params import Params, parameters_of
@@ -26,7 +25,6 @@ __all__ = [
     "ConvNet",
     "ConvergenceError",
     "DivergenceError",
-    "GraphedMetaStep",
     "LinearRegressionTasks",
     "LossFn",
     "MetaAlgorithm",

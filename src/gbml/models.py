@@ -178,3 +178,8 @@ def make_loss(model: nn.Module, criterion: Criterion = F.mse_loss) -> ModelLoss:
 def has_native_batch_norm(model: nn.Module) -> bool:
     """Whether ``model`` contains a ``torch.nn`` batch norm (unsafe for second order under vmap)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def has_convolutions(model: nn.Module) -> bool:
+    """Whether ``model`` contains a convolution (slow batched over tasks on CPUs)."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())

@@ -49,9 +49,12 @@ class Task(NamedTuple):
         """Move every tensor, as :meth:`torch.Tensor.to`."""
         return Task(*(t.to(*args, **kwargs) for t in self))
 
-    def joined(self) -> tuple[Tensor, Tensor]:
-        """Support and query concatenated along the sample axis: the whole task data D_t."""
-        axis = self.x_support.dim() - self.x_query.dim()  # 0 for a single task
+    def joined(self, *, batched: bool = False) -> tuple[Tensor, Tensor]:
+        """Support and query concatenated along the sample axis: the whole task data D_t.
+
+        For a batch of tasks pass ``batched=True`` (the sample axis is then the second one).
+        """
+        axis = 1 if batched else 0
         return (
             torch.cat([self.x_support, self.x_query], dim=axis),
             torch.cat([self.y_support, self.y_query], dim=axis),
