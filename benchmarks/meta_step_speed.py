@@ -9,7 +9,7 @@ it times:
   higher        a loop over tasks with the `higher` library (when installed)
   vmap          gbml.meta_step(batched=True): all tasks in one torch.func.vmap call
   vmap-unfold   the same with convolutions as im2col + matmul (gbml.UnfoldConv2d)
-  graph         gbml.GraphedMetaStep: the vmapped step and Adam captured in one CUDA graph
+  graph         gbml.graphs.GraphedMetaStep (experimental): the vmapped step and Adam in one CUDA graph
   graph-unfold  both
 
 Each path's first meta-gradient is compared with the loop's before timing; the clock is read
@@ -42,8 +42,10 @@ from benchmarks.common import (
     make_model,
     make_tasks,
     time_step,
+    time_steps_interleaved,
     write_json,
 )
+from gbml.graphs import GraphedMetaStep
 from gbml.notebook import resolve_device
 
 GPU_PATHS = ("loop", "higher", "vmap", "vmap-unfold", "graph", "graph-unfold")
@@ -70,7 +72,9 @@ def build_step(path: str, algorithm, setting: Setting, device: torch.device, tas
         return step, first_gradient
     if path.startswith("graph"):
         optimizer = torch.optim.Adam(params.values(), lr=1e-3, capturable=device.type == "cuda")
-        graphed = gbml.GraphedMetaStep(algorithm, loss, params, optimizer, tasks)
+        graphed = GraphedMetaStep(
+            algorithm, loss, params, optimizer, tasks, capture=device.type == "cuda", experimental=True
+        )
 
         def step():
             return graphed(tasks)
@@ -109,6 +113,11 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--small", action="store_true", help="CPU preset: meta-batch 4, L = 1, MAML and FO-MAML, 5 iterations"
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="alternate the paths call by call (for close comparisons; no memory figures)",
+    )
     parser.add_argument("--out", default="benchmarks/results/meta_step_speed.json")
     args = parser.parse_args(argv)
     if args.small:
@@ -130,23 +139,33 @@ def main(argv=None) -> dict:
     for name in args.algorithms:
         for steps in args.steps:
             algorithm = make_algorithm(name, steps)
-            reference = None
+            rows, built, reference = {}, {}, None
             for path in paths:
-                row = {"algorithm": name, "inner_steps": steps, "path": path}
+                rows[path] = row = {"algorithm": name, "inner_steps": steps, "path": path}
                 try:
                     step, first_gradient = build_step(path, algorithm, setting, device, tasks)
                     gradient = first_gradient()
                     reference = gradient if path == "loop" else reference
                     if reference is not None:
                         row["relative_difference_to_loop"] = relative_difference(gradient, reference)
-                    row.update(time_step(step, device, args.iterations, args.warmup))
+                    if args.interleave:
+                        built[path] = step
+                    else:
+                        row.update(time_step(step, device, args.iterations, args.warmup))
+                        del step, first_gradient  # free this path's model before the next one
                 except Exception as error:  # record and go on: one failing path must not lose the rest
                     row["error"] = f"{type(error).__name__}: {error}"
-                results["rows"].append(row)
-                print(_row_line(row), flush=True)
-                write_json(args.out, results)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if args.interleave:
+                for path, timing in time_steps_interleaved(
+                    built, device, args.iterations, args.warmup
+                ).items():
+                    rows[path].update(timing)
+            for row in rows.values():
+                results["rows"].append(row)
+                print(_row_line(row), flush=True)
+            write_json(args.out, results)
     print_table(results)
     return results
 

@@ -1,0 +1,201 @@
+"""Turn the JSON results in benchmarks/results/ into the tables and the plot of the book's
+Performance appendix (book/_generated/). Run after the benchmark scripts:
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "book" / "_generated"
+UNVERIFIED = ("graph", "graph-unfold")  # failed the float64 agreement check on the GPU
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def machine_line(machine: dict) -> str:
+    where = machine.get("gpu") or f"CPU ({machine['cpu']}, {machine['cpu_threads']} threads)"
+    return f"{where}, torch {machine['torch']}, Python {machine['python']}"
+
+
+def speed_tables(results: dict, *, skip_algorithms=()) -> str:
+    rows = [r for r in results["rows"] if "error" not in r and r["algorithm"] not in skip_algorithms]
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    keys = list(dict.fromkeys((r["algorithm"], r["inner_steps"]) for r in rows))
+
+    def cells(key):
+        return {r["path"]: r for r in rows if (r["algorithm"], r["inner_steps"]) == key}
+
+    def label(path):
+        return f"{path}†" if path in UNVERIFIED else path
+
+    lines = ["| algorithm | L | " + " | ".join(label(p) for p in paths) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(paths))
+    for key in keys:
+        c = cells(key)
+        lines.append(
+            f"| {key[0]} | {key[1]} | "
+            + " | ".join(f"{c[p]['median_ms']:.1f}" if p in c else "–" for p in paths)
+            + " |"
+        )
+    text = "ms per meta-iteration (median of 10 after warm-up):\n\n" + "\n".join(lines) + "\n"
+    for baseline in ("loop", "higher"):
+        if baseline not in paths:
+            continue
+        others = [p for p in paths if p != baseline]
+        lines = ["| algorithm | L | " + " | ".join(label(p) for p in others) + " |"]
+        lines.append("|---|---:|" + "---:|" * len(others))
+        for key in keys:
+            c = cells(key)
+            if baseline not in c:
+                continue
+            base = c[baseline]["median_ms"]
+            lines.append(
+                f"| {key[0]} | {key[1]} | "
+                + " | ".join(f"{base / c[p]['median_ms']:.2f}×" if p in c else "–" for p in others)
+                + " |"
+            )
+        text += (
+            f"\nSpeed-up over `{baseline}` (its time divided by each path's):\n\n" + "\n".join(lines) + "\n"
+        )
+    memory = [r for r in rows if r.get("peak_memory_mib") is not None]
+    if memory:
+        lines = ["| algorithm | L | " + " | ".join(label(p) for p in paths) + " |"]
+        lines.append("|---|---:|" + "---:|" * len(paths))
+        for key in keys:
+            c = cells(key)
+            lines.append(
+                f"| {key[0]} | {key[1]} | "
+                + " | ".join(f"{c[p]['peak_memory_mib']:.0f}" if p in c else "–" for p in paths)
+                + " |"
+            )
+        text += "\nPeak GPU memory during the timed steps (MiB):\n\n" + "\n".join(lines) + "\n"
+    errors = [r for r in results["rows"] if "error" in r]
+    if errors:
+        text += (
+            "\nPaths that failed: "
+            + "; ".join(
+                f"{r['algorithm']} L={r['inner_steps']} {r['path']}: {r['error'][:120]}" for r in errors
+            )
+            + "\n"
+        )
+    return text
+
+
+def check_table(check: dict) -> str:
+    lines = [
+        "| algorithm | vmap vs loop | graph† vs loop (meta-gradient, 3 steps) "
+        "| graph† vs loop (φ after 3 steps) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in check["float64"]:
+        lines.append(
+            f"| {r['algorithm']} | {r['vmap_vs_loop']:.1e} | {r['graph_vs_loop_meta_gradient_3_steps']:.1e} "
+            f"| {r['graph_vs_loop_parameters_after_3_steps']:.1e} |"
+        )
+    text = "Relative differences in float64 on the GPU (conv net with 8 filters, 4 tasks):\n\n" + "\n".join(
+        lines
+    )
+    if check.get("float32"):
+        lines = ["| algorithm | convolution | relative error of the float32 vmap path |", "|---|---|---:|"]
+        for r in check["float32"]:
+            lines.append(f"| {r['algorithm']} | {r['conv']} | {r['relative_error_vs_float64']:.1e} |")
+        text += (
+            "\n\nThe float32 batched path at the benchmark's size against the float64 loop:\n\n"
+            + "\n".join(lines)
+        )
+    return text + "\n"
+
+
+def memory_plot(gpu: dict | None, cpu: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (gpu, "peak_memory_mib", "peak GPU memory (MiB)"),
+        (cpu, "peak_rss_growth_mib", "peak RSS growth (MiB)"),
+    ]
+    panels = [p for p in panels if p[0] is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, (results, metric, ylabel) in zip(axes[0], panels):
+        for name, marker, label in (("maml", "o", "MAML"), ("imaml", "s", "iMAML")):
+            rows = [r for r in results["rows"] if r["algorithm"] == name and metric in r]
+            ax.plot([r["inner_steps"] for r in rows], [r[metric] for r in rows], marker=marker, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("inner steps L")
+        ax.set_ylabel(ylabel)
+        where = results["machine"].get("gpu") or "2-core CPU"
+        ax.set_title(f"{where}, meta-batch {results['setting']['meta_batch']}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(
+        "Memory of one meta-gradient of the conv net (5-way 1-shot, 15 queries per class)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def memory_table(results: dict, metric: str) -> str:
+    steps = sorted({r["inner_steps"] for r in results["rows"]})
+    lines = ["| algorithm | " + " | ".join(f"L={s}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for name in ("maml", "imaml"):
+        by_steps = {r["inner_steps"]: r for r in results["rows"] if r["algorithm"] == name}
+        cells = []
+        for s in steps:
+            r = by_steps.get(s)
+            cells.append("–" if r is None else ("failed" if metric not in r else f"{r[metric]:.0f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    parts = []
+    gpu_speed, gpu_memory, check = (
+        load("meta_step_speed_gpu.json"),
+        load("memory_vs_steps_gpu.json"),
+        load("check_gpu.json"),
+    )
+    cpu_memory = load("memory_vs_steps_cpu.json")
+    if gpu_speed:
+        parts.append(f"### GPU: {machine_line(gpu_speed['machine'])}\n")
+        parts.append(speed_tables(gpu_speed, skip_algorithms=("imaml",)))
+    for batch in (4, 32):
+        cpu = load(f"meta_step_speed_cpu_mb{batch}.json")
+        if cpu:
+            parts.append(f"### CPU, meta-batch {batch}: {machine_line(cpu['machine'])}\n")
+            parts.append(speed_tables(cpu))
+    if check:
+        parts.append(f"### Agreement on the GPU: {machine_line(check['machine'])}\n")
+        parts.append(check_table(check))
+    if gpu_memory:
+        parts.append(f"### Memory against inner steps, GPU: {machine_line(gpu_memory['machine'])}\n")
+        parts.append(
+            "Peak GPU memory one meta-gradient adds (MiB):\n\n" + memory_table(gpu_memory, "peak_memory_mib")
+        )
+    if cpu_memory:
+        parts.append(f"\n### Memory against inner steps, CPU: {machine_line(cpu_memory['machine'])}\n")
+        parts.append(
+            "Growth of the peak resident set size (MiB):\n\n"
+            + memory_table(cpu_memory, "peak_rss_growth_mib")
+        )
+    (OUT / "performance_tables.md").write_text("\n".join(parts))
+    memory_plot(gpu_memory, cpu_memory, OUT / "memory_vs_steps.png")
+    print(f"wrote {OUT / 'performance_tables.md'} and {OUT / 'memory_vs_steps.png'}")
+
+
+if __name__ == "__main__":
+    main()
