@@ -173,3 +173,37 @@ def write_json(path: str | Path, payload: dict) -> None:
         )
     )
     tmp.replace(path)
+
+
+def result_grids(results: dict, skip_algorithms=()) -> list[tuple[str, list[str], list[tuple]]]:
+    """The tables that the console and the book both show, as ``(title, paths, rows)`` with rows
+    ``(algorithm, L, cells)`` of formatted strings: ms per meta-iteration, speed-ups over the
+    loop and over higher, and peak GPU memory where it was measured."""
+    rows = [r for r in results["rows"] if "error" not in r and r["algorithm"] not in skip_algorithms]
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    by_key: dict[tuple, dict] = {}
+    for r in rows:
+        by_key.setdefault((r["algorithm"], r["inner_steps"]), {})[r["path"]] = r
+
+    def grid(columns, cell):
+        return [
+            (a, steps, [cell(c, p) if p in c else "–" for p in columns]) for (a, steps), c in by_key.items()
+        ]
+
+    grids = [("ms per meta-iteration (median)", paths, grid(paths, lambda c, p: f"{c[p]['median_ms']:.1f}"))]
+    for baseline in ("loop", "higher"):
+        if baseline in paths:
+            others = [p for p in paths if p != baseline]
+            speedups = [
+                row
+                for row in grid(
+                    others, lambda c, p, b=baseline: f"{c[b]['median_ms'] / c[p]['median_ms']:.2f}×"
+                )
+                if baseline in by_key[(row[0], row[1])]
+            ]
+            grids.append((f"speed-up over {baseline} (its time / the path's)", others, speedups))
+    if any(r.get("peak_memory_mib") is not None for r in rows):
+        grids.append(
+            ("peak GPU memory (MiB)", paths, grid(paths, lambda c, p: f"{c[p]['peak_memory_mib']:.0f}"))
+        )
+    return grids

@@ -41,6 +41,7 @@ from benchmarks.common import (
     make_algorithm,
     make_model,
     make_tasks,
+    result_grids,
     time_step,
     time_steps_interleaved,
     write_json,
@@ -184,40 +185,11 @@ def _row_line(row: dict) -> str:
 
 def print_table(results: dict) -> None:
     """ms per meta-iteration, and speed-ups of every path over the loop and over higher."""
-    rows = [r for r in results["rows"] if "error" not in r]
-    paths = list(dict.fromkeys(r["path"] for r in rows))
-    keys = list(dict.fromkeys((r["algorithm"], r["inner_steps"]) for r in rows))
-    print(f"\nms per meta-iteration (median), {results['machine'].get('gpu', results['machine']['cpu'])}")
-    print(f"{'algorithm':10s}{'L':>4s}" + "".join(f"{p:>14s}" for p in paths))
-    for algorithm, steps in keys:
-        cells = {
-            r["path"]: r["median_ms"]
-            for r in rows
-            if (r["algorithm"], r["inner_steps"]) == (algorithm, steps)
-        }
-        print(
-            f"{algorithm:10s}{steps:>4d}"
-            + "".join(f"{cells[p]:14.1f}" if p in cells else f"{'-':>14s}" for p in paths)
-        )
-    for baseline in ("loop", "higher"):
-        if baseline not in paths:
-            continue
-        print(f"\nspeed-up over {baseline} (time of {baseline} / time of path)")
-        print(f"{'algorithm':10s}{'L':>4s}" + "".join(f"{p:>14s}" for p in paths))
-        for algorithm, steps in keys:
-            cells = {
-                r["path"]: r["median_ms"]
-                for r in rows
-                if (r["algorithm"], r["inner_steps"]) == (algorithm, steps)
-            }
-            if baseline not in cells:
-                continue
-            print(
-                f"{algorithm:10s}{steps:>4d}"
-                + "".join(
-                    f"{cells[baseline] / cells[p]:14.2f}" if p in cells else f"{'-':>14s}" for p in paths
-                )
-            )
+    print(f"\non {results['machine'].get('gpu', results['machine']['cpu'])}")
+    for title, paths, rows in result_grids(results):
+        print(f"\n{title}\n{'algorithm':10s}{'L':>4s}" + "".join(f"{p:>14s}" for p in paths))
+        for algorithm, steps, cells in rows:
+            print(f"{algorithm:10s}{steps:>4d}" + "".join(f"{c:>14s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import result_grids  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "book" / "_generated"
 UNVERIFIED = ("graph", "graph-unfold")  # failed the float64 agreement check on the GPU
@@ -28,93 +30,52 @@ def machine_line(machine: dict) -> str:
     return f"{where}, torch {machine['torch']}, Python {machine['python']}"
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def speed_tables(results: dict, *, skip_algorithms=()) -> str:
-    rows = [r for r in results["rows"] if "error" not in r and r["algorithm"] not in skip_algorithms]
-    paths = list(dict.fromkeys(r["path"] for r in rows))
-    keys = list(dict.fromkeys((r["algorithm"], r["inner_steps"]) for r in rows))
-
-    def cells(key):
-        return {r["path"]: r for r in rows if (r["algorithm"], r["inner_steps"]) == key}
-
     def label(path):
         return f"{path}†" if path in UNVERIFIED else path
 
-    lines = ["| algorithm | L | " + " | ".join(label(p) for p in paths) + " |"]
-    lines.append("|---|---:|" + "---:|" * len(paths))
-    for key in keys:
-        c = cells(key)
-        lines.append(
-            f"| {key[0]} | {key[1]} | "
-            + " | ".join(f"{c[p]['median_ms']:.1f}" if p in c else "–" for p in paths)
-            + " |"
-        )
-    text = "ms per meta-iteration (median of 10 after warm-up):\n\n" + "\n".join(lines) + "\n"
-    for baseline in ("loop", "higher"):
-        if baseline not in paths:
-            continue
-        others = [p for p in paths if p != baseline]
-        lines = ["| algorithm | L | " + " | ".join(label(p) for p in others) + " |"]
-        lines.append("|---|---:|" + "---:|" * len(others))
-        for key in keys:
-            c = cells(key)
-            if baseline not in c:
-                continue
-            base = c[baseline]["median_ms"]
-            lines.append(
-                f"| {key[0]} | {key[1]} | "
-                + " | ".join(f"{base / c[p]['median_ms']:.2f}×" if p in c else "–" for p in others)
-                + " |"
-            )
-        text += (
-            f"\nSpeed-up over `{baseline}` (its time divided by each path's):\n\n" + "\n".join(lines) + "\n"
-        )
-    memory = [r for r in rows if r.get("peak_memory_mib") is not None]
-    if memory:
-        lines = ["| algorithm | L | " + " | ".join(label(p) for p in paths) + " |"]
-        lines.append("|---|---:|" + "---:|" * len(paths))
-        for key in keys:
-            c = cells(key)
-            lines.append(
-                f"| {key[0]} | {key[1]} | "
-                + " | ".join(f"{c[p]['peak_memory_mib']:.0f}" if p in c else "–" for p in paths)
-                + " |"
-            )
-        text += "\nPeak GPU memory during the timed steps (MiB):\n\n" + "\n".join(lines) + "\n"
+    text = ""
+    for title, paths, rows in result_grids(results, skip_algorithms):
+        header = ["algorithm", "L", *(label(p) for p in paths)]
+        text += f"\n{title}:\n\n" + markdown_table(header, [[a, steps, *cells] for a, steps, cells in rows])
     errors = [r for r in results["rows"] if "error" in r]
     if errors:
-        text += (
-            "\nPaths that failed: "
-            + "; ".join(
-                f"{r['algorithm']} L={r['inner_steps']} {r['path']}: {r['error'][:120]}" for r in errors
-            )
-            + "\n"
-        )
+        failures = (f"{r['algorithm']} L={r['inner_steps']} {r['path']}: {r['error'][:120]}" for r in errors)
+        text += "\nPaths that failed: " + "; ".join(failures) + "\n"
     return text
 
 
 def check_table(check: dict) -> str:
-    lines = [
-        "| algorithm | vmap vs loop | graph† vs loop (meta-gradient, 3 steps) "
-        "| graph† vs loop (φ after 3 steps) |",
-        "|---|---:|---:|---:|",
+    header = [
+        "algorithm",
+        "vmap vs loop",
+        "graph† vs loop (meta-gradient, 3 steps)",
+        "graph† vs loop (φ after 3 steps)",
     ]
-    for r in check["float64"]:
-        lines.append(
-            f"| {r['algorithm']} | {r['vmap_vs_loop']:.1e} | {r['graph_vs_loop_meta_gradient_3_steps']:.1e} "
-            f"| {r['graph_vs_loop_parameters_after_3_steps']:.1e} |"
-        )
-    text = "Relative differences in float64 on the GPU (conv net with 8 filters, 4 tasks):\n\n" + "\n".join(
-        lines
-    )
+    rows = [
+        [
+            r["algorithm"],
+            f"{r['vmap_vs_loop']:.1e}",
+            f"{r['graph_vs_loop_meta_gradient_3_steps']:.1e}",
+            f"{r['graph_vs_loop_parameters_after_3_steps']:.1e}",
+        ]
+        for r in check["float64"]
+    ]
+    text = "Relative differences in float64 on the GPU (conv net with 8 filters, 4 tasks):\n\n"
+    text += markdown_table(header, rows)
     if check.get("float32"):
-        lines = ["| algorithm | convolution | relative error of the float32 vmap path |", "|---|---|---:|"]
-        for r in check["float32"]:
-            lines.append(f"| {r['algorithm']} | {r['conv']} | {r['relative_error_vs_float64']:.1e} |")
-        text += (
-            "\n\nThe float32 batched path at the benchmark's size against the float64 loop:\n\n"
-            + "\n".join(lines)
-        )
-    return text + "\n"
+        rows = [
+            [r["algorithm"], r["conv"], f"{r['relative_error_vs_float64']:.1e}"] for r in check["float32"]
+        ]
+        text += "\nThe float32 batched path at the benchmark's size against the float64 loop:\n\n"
+        text += markdown_table(["algorithm", "convolution", "relative error of the float32 vmap path"], rows)
+    return text
 
 
 def memory_plot(gpu: dict | None, cpu: dict | None, path: Path) -> None:
@@ -150,15 +111,15 @@ def memory_plot(gpu: dict | None, cpu: dict | None, path: Path) -> None:
 
 def memory_table(results: dict, metric: str) -> str:
     steps = sorted({r["inner_steps"] for r in results["rows"]})
-    lines = ["| algorithm | " + " | ".join(f"L={s}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    rows = []
     for name in ("maml", "imaml"):
         by_steps = {r["inner_steps"]: r for r in results["rows"] if r["algorithm"] == name}
-        cells = []
-        for s in steps:
-            r = by_steps.get(s)
-            cells.append("–" if r is None else ("failed" if metric not in r else f"{r[metric]:.0f}"))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells = [
+            "–" if s not in by_steps else f"{by_steps[s][metric]:.0f}" if metric in by_steps[s] else "failed"
+            for s in steps
+        ]
+        rows.append([name, *cells])
+    return markdown_table(["algorithm", *(f"L={s}" for s in steps)], rows)
 
 
 def main() -> None:
