@@ -1,0 +1,5 @@
+import sys
+
+from gbml.cli import main
+
+sys.exit(main())
