@@ -1,5 +1,7 @@
 """``python -m gbml``: meta-train and meta-test from the command line.
 
+Examples::
+
     python -m gbml train --algorithm maml --dataset sinusoid --iterations 70000 --out runs/sine-maml
     python -m gbml train --algorithm maml --dataset omniglot --ways 5 --shots 1 --queries 15 \\
         --inner-steps 1 --inner-lr 0.4 --meta-batch 32 --iterations 60000 --out runs/omni-5w1s
