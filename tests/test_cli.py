@@ -86,6 +86,33 @@ def test_every_algorithm_trains(algorithm, tmp_path):
     assert len(history["val"]) == 2 and all(math.isfinite(v["mean"]) for v in history["val"])
 
 
+def test_omniglot_training_on_tiny_settings(tmp_path, monkeypatch, capsys):
+    from test_omniglot import real_data_dir
+
+    monkeypatch.setenv("GBML_DATA_DIR", str(real_data_dir()))
+    monkeypatch.setenv("GBML_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "omniglot"
+    options = ["--dataset", "omniglot", "--ways", "3", "--shots", "1", "--queries", "2", "--meta-batch", "2"]
+    options += ["--inner-lr", "0.4", "--iterations", "2", "--validate-every", "2", "--validation-tasks", "3"]
+    assert (
+        main(["train", *options, "--out", str(out), "--no-progress", "--test-tasks", "4", "--device", "cpu"])
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["test"]["metric"] == "accuracy" and summary["test"]["tasks"] == 4
+    assert 0.0 <= summary["test"]["mean"] <= 1.0
+
+
+def test_missing_omniglot_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GBML_DATA_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("GBML_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("gbml.omniglot.URL_BASE", (tmp_path / "no-network").as_uri() + "/")
+    options = ["--dataset", "omniglot", "--iterations", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(["train", *options]) == 2
+    message = capsys.readouterr().err
+    assert "images_background.zip" in message and "GBML_DATA_DIR" in message
+
+
 def test_confidence_interval():
     values = torch.tensor([1.0, 2.0, 3.0, 4.0])
     mean, ci = mean_and_ci95(values)

@@ -8,9 +8,10 @@ of tasks (with ``vmap`` or a loop) and hands the mean to any torch optimizer.
 from gbml.adapt import LossFn, proximal_task_adapt, task_adapt
 from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
 from gbml.cg import CGResult, conjugate_gradient, hessian_vector_product
-from gbml.errors import ConvergenceError, DivergenceError
+from gbml.errors import ConvergenceError, CorruptDataError, DivergenceError, MissingDataError
 from gbml.meta import MetaStepResult, choose_batched, meta_gradient, meta_step
 from gbml.models import CompositeBatchNorm2d, ConvNet, SinusoidMLP, UnfoldConv2d, make_loss
+from gbml.omniglot import OmniglotTasks, load_omniglot
 from gbml.params import Params, parameters_of
 from gbml.tasks import LinearRegressionTasks, SinusoidTasks, Task, TaskFamily, stack_tasks
 
@@ -24,11 +25,14 @@ __all__ = [
     "CompositeBatchNorm2d",
     "ConvNet",
     "ConvergenceError",
+    "CorruptDataError",
     "DivergenceError",
     "LinearRegressionTasks",
     "LossFn",
     "MetaAlgorithm",
     "MetaStepResult",
+    "MissingDataError",
+    "OmniglotTasks",
     "Params",
     "Reptile",
     "SinusoidMLP",
@@ -39,6 +43,7 @@ __all__ = [
     "choose_batched",
     "conjugate_gradient",
     "hessian_vector_product",
+    "load_omniglot",
     "make_loss",
     "meta_gradient",
     "meta_step",

@@ -7,3 +7,11 @@ class DivergenceError(FloatingPointError):
 
 class ConvergenceError(RuntimeError):
     """An iterative solve (iMAML's conjugate gradient) stopped short of its tolerance."""
+
+
+class MissingDataError(FileNotFoundError):
+    """A data set's files are neither on disk nor downloadable; the message says how to get them."""
+
+
+class CorruptDataError(ValueError):
+    """A data set's files are present but their content is not what it should be."""

@@ -128,7 +128,7 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
         loss = make_loss(model, F.mse_loss)
         family = SinusoidTasks()
         return Problem(model, loss, "mse", loss, {"train": family, "val": family, "test": family})
-    from gbml.omniglot import OmniglotTasks  # imported here: it is the only part that reads files
+    from gbml.omniglot import OmniglotTasks, load_omniglot  # the only part that reads files
 
     model = ConvNet(ways=config.ways).to(device)
     loss = make_loss(model, F.cross_entropy)
@@ -137,7 +137,8 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
         logits = torch.func.functional_call(model, params, (x,))
         return (logits.argmax(dim=-1) == y).to(logits.dtype).mean()
 
-    tasks = {split: OmniglotTasks(split, config.ways) for split in ("train", "val", "test")}
+    data = load_omniglot()  # loaded once, shared by the three splits
+    tasks = {split: OmniglotTasks(split, config.ways, data=data) for split in ("train", "val", "test")}
     return Problem(model, loss, "accuracy", accuracy, tasks, higher_is_better=True)
 
 
