@@ -73,10 +73,22 @@ def _child(name: str, steps: int, meta_batch: int) -> None:
     tasks = make_tasks(setting, torch.device("cpu"))
     algorithm = make_algorithm(name, steps)
     params = gbml.parameters_of(model)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_resident_kib()
     gbml.meta_gradient(algorithm, loss, params, tasks, batched=False)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)  # ru_maxrss is in KiB on Linux
+    print((_peak_resident_kib() - before) / 1024)
+
+
+def _peak_resident_kib() -> int:
+    """This process's peak resident set size in KiB: VmHWM, which starts afresh with the process
+    (ru_maxrss can carry a parent's larger peak into a child on Linux), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 def main(argv=None) -> dict:

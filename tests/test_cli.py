@@ -113,6 +113,13 @@ def test_missing_omniglot_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "images_background.zip" in message and "GBML_DATA_DIR" in message
 
 
+def test_imaml_options_reach_the_algorithm():
+    algorithm = TrainConfig(algorithm="imaml", lam=3.0, cg_steps=7, cg_tol=1e-4, damping=0.5).make_algorithm()
+    assert (algorithm.lam, algorithm.cg_steps, algorithm.cg_tol, algorithm.damping) == (3.0, 7, 1e-4, 0.5)
+    with pytest.raises(ValueError, match="damping must be non-negative"):
+        TrainConfig(algorithm="imaml", damping=-1.0)
+
+
 def test_confidence_interval():
     values = torch.tensor([1.0, 2.0, 3.0, 4.0])
     mean, ci = mean_and_ci95(values)

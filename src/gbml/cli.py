@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         "eval_inner_steps": "inner steps at meta-test time (default: --inner-steps)",
         "lam": "iMAML's λ",
         "cg_steps": "iMAML's conjugate-gradient steps",
+        "cg_tol": "iMAML's CG tolerance (relative residual; a miss warns)",
+        "damping": "iMAML's damping δ: solve ((1 + δ)I + H/λ)x = g",
         "seed": "seed of the initialisation and of task sampling",
         "device": "auto (a GPU if there is one), cpu or cuda",
         "validate_every": "meta-iterations between validations (and checkpoints)",

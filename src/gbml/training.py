@@ -51,6 +51,8 @@ class TrainConfig:
     eval_inner_steps: int | None = None
     lam: float = 2.0
     cg_steps: int = 5
+    cg_tol: float = 1e-2
+    damping: float = 0.0
     seed: int = 0
     device: str = "auto"
     validate_every: int = 100
@@ -94,7 +96,16 @@ class TrainConfig:
             return FOMAML(self.inner_lr, steps)
         if self.algorithm == "reptile":
             return Reptile(self.inner_lr, steps)
-        return IMAML(self.inner_lr, self.lam, inner_steps=steps, cg_steps=self.cg_steps, on_cg_failure="warn")
+        # Truncated solves are iMAML's normal regime in training, so a missed tolerance warns.
+        return IMAML(
+            self.inner_lr,
+            self.lam,
+            inner_steps=steps,
+            cg_steps=self.cg_steps,
+            cg_tol=self.cg_tol,
+            damping=self.damping,
+            on_cg_failure="warn",
+        )
 
     @property
     def batched_option(self) -> bool | str:
