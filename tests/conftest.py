@@ -1,8 +1,15 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gbml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_classification_task(generator, ways=3, shots=2, queries=3, image_size=28, num_tasks=None):
@@ -38,3 +45,19 @@ def mlp_setup():
     torch.manual_seed(0)
     model = gbml.SinusoidMLP().double()
     return model, F.mse_loss
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory) -> Path:
+    """The book built with Sphinx warnings as errors; returns the folder of its HTML pages."""
+    jupyter_book = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
+    assert jupyter_book, "jupyter-book is not installed: run `make test`, which installs the book extras"
+    output = tmp_path_factory.mktemp("book")
+    result = subprocess.run(
+        [jupyter_book, "build", str(ROOT), "--path-output", str(output), "--warningiserror", "--keep-going"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return output / "_build" / "html"
