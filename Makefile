@@ -1,12 +1,15 @@
 # Two commands from a fresh clone (each creates .venv on first use and reuses it after):
 #   make book   builds the book to _build/html
 #   make test   runs every test: lint, gradient tests, the book build
+# and, to re-execute the chapters (full sizes, best device; slow) and refresh the
+# reproducibility appendix:
+#   make notebooks   (only some: make notebooks CHAPTERS="02_maml 08_omniglot")
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: book test lint format env clean
+.PHONY: book test lint format env clean notebooks
 
 env: $(STAMP)
 
@@ -24,6 +27,9 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+notebooks: $(STAMP)
+	$(BIN)/python tools/notebooks.py run $(CHAPTERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
