@@ -4,6 +4,7 @@ with solutions, and a Reproducibility appendix that matches the committed notebo
 import html
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import nbformat
@@ -16,7 +17,10 @@ CHAPTERS = sorted((ROOT / "book").glob("0*_*.ipynb"))
 
 
 def load_tool(name: str):
-    """A script of tools/ as a module (tools/ is not a package)."""
+    """A script of tools/ as a module (tools/ is not a package), importing its siblings as it
+    does when run as a script."""
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
     spec = importlib.util.spec_from_file_location(f"gbml_tools_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

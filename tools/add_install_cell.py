@@ -12,14 +12,12 @@ Everything else in the notebook (outputs, metadata, whether the file ends with a
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
+from notebooks import chapters, ruff_format  # tools/ is on sys.path when run as a script
 
-ROOT = Path(__file__).resolve().parents[1]
 MARKER = 'find_spec("gbml")'  # the install cell is the first code cell containing this
 CELL_ID = "install-gbml"
 SOURCE = """\
@@ -31,10 +29,6 @@ import sys
 if importlib.util.find_spec("gbml") is None:
     package = "gbml @ git+https://github.com/gbml-book/gbml-book"
     subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", package])"""
-
-
-def chapters() -> list[Path]:
-    return sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
 
 
 def install_cell() -> nbformat.NotebookNode:
@@ -63,14 +57,6 @@ def add_install_cell(path: Path) -> bool:
     # nbformat.write would always end the file with a newline; keep the file's own ending.
     path.write_text(text + "\n" if raw.endswith("\n") else text, encoding="utf-8")
     return True
-
-
-def ruff_format(paths: list[Path]) -> None:
-    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
-    if ruff is None:
-        print("ruff not found: run `ruff format` on the notebooks yourself", file=sys.stderr)
-        return
-    subprocess.run([ruff, "format", *map(str, paths)], check=True, cwd=ROOT)
 
 
 def main(argv: list[str]) -> None:

@@ -242,12 +242,13 @@ def kernel_environment(kernel_name: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def ruff_format(path: Path) -> None:
+def ruff_format(paths: list[Path]) -> None:
+    """Format notebooks the way the repository's `ruff format --check` expects them."""
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if ruff is None:
-        print(f"ruff not found: run `ruff format {path}` yourself", file=sys.stderr)
+        print("ruff not found: run `ruff format` on the notebooks yourself", file=sys.stderr)
         return
-    subprocess.run([ruff, "format", "--quiet", str(path)], check=True, cwd=ROOT)
+    subprocess.run([ruff, "format", "--quiet", *map(str, paths)], check=True, cwd=ROOT)
 
 
 def parameter_value(text: str):
@@ -290,7 +291,7 @@ def run(names: list[str], device: str, extra: list[list[str]], out: Path | None,
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(notebook, target)
         partial.unlink()
-        ruff_format(target)
+        ruff_format([target])
         print(f"wrote {target}", flush=True)
     if out is None:
         write_page()
