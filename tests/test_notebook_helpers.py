@@ -23,3 +23,12 @@ def test_smoke_mode_follows_the_environment(monkeypatch):
     assert not notebook.smoke_test() and notebook.pick(1000, 10) == 1000
     monkeypatch.delenv("SMOKE_TEST")
     assert not notebook.smoke_test()
+
+
+def test_run_description_parses_back(monkeypatch):
+    for smoke, mode in (("1", "smoke test (reduced sizes)"), ("0", "full run")):
+        monkeypatch.setenv("SMOKE_TEST", smoke)
+        parts = notebook.parse_run_description(notebook.describe_run(torch.device("cpu")))
+        assert parts is not None and parts["torch"] == torch.__version__ and parts["mode"] == mode
+        assert parts["device"].startswith("CPU (") and parts["device"].endswith(" threads)")
+    assert notebook.parse_run_description("Outputs produced somewhere else.") is None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -35,11 +34,12 @@ from pathlib import Path
 import nbformat
 import yaml
 
+from gbml.notebook import parse_run_description
+
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 TABLE = BOOK / "_generated" / "reproducibility_table.md"
 NOT_RECORDED = "not recorded"
-RUN_LINE = re.compile(r"^Outputs produced on (?P<device>.+), torch (?P<torch>\S+), (?P<mode>[^,]+)\.$")
 VERSIONS = {  # gbml_environment key: column title
     "python": "Python",
     "torch": "torch",
@@ -111,14 +111,14 @@ def toc_documents() -> set[str]:
     return found
 
 
-def run_line(notebook) -> re.Match | None:
-    """The ``Outputs produced on ...`` line of ``gbml.notebook.describe_run``, parsed."""
+def run_line(notebook) -> dict[str, str] | None:
+    """The first ``Outputs produced on ...`` line of ``gbml.notebook.describe_run``, parsed."""
     for cell in notebook.cells:
         streams = [out for out in cell.get("outputs", []) if out.get("output_type") == "stream"]
         for output in streams:
             for line in output.get("text", "").splitlines():
                 if line.startswith("Outputs produced on"):
-                    return RUN_LINE.match(line.strip())
+                    return parse_run_description(line)
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 
 import torch
 
@@ -47,3 +48,15 @@ def describe_run(device: torch.device) -> str:
         where = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     mode = "smoke test (reduced sizes)" if smoke_test() else "full run"
     return f"Outputs produced on {where}, torch {torch.__version__}, {mode}."
+
+
+_RUN_DESCRIPTION = re.compile(
+    r"^Outputs produced on (?P<device>.+), torch (?P<torch>\S+), (?P<mode>[^,]+)\.$"
+)
+
+
+def parse_run_description(line: str) -> dict[str, str] | None:
+    """The parts of a :func:`describe_run` line (``device``, ``torch``, ``mode``), or None if
+    ``line`` is not one; the reproducibility appendix reads committed notebooks with it."""
+    match = _RUN_DESCRIPTION.match(line.strip())
+    return match.groupdict() if match else None
