@@ -1,16 +1,24 @@
-"""Correctness of the batched and graphed paths ON THE GPU (the test suite runs on the CPU).
+"""Correctness of the batched, graphed and compiled paths ON THE GPU (the test suite runs on the CPU).
 
-1. float64: vmap path and CUDA-graph step against the per-task loop, all four algorithms, the conv
+1. bisection (float64): where the hand-captured CUDA graph (gbml.graphs.GraphedMetaStep) departs
+   from the eager step: replays on the capture batch, at updated φ, on a new batch, and the
+   update it applies (with SGD, whose update is checkable by hand);
+2. float64: vmap path and CUDA-graph step against the per-task loop, all four algorithms, the conv
    net with its batch norm (must agree to 1e-10, as the CPU tests require);
-2. float32 at the benchmark's size: every fast path against the float64 loop, reporting the
-   relative error (convolutions use TF32 by PyTorch's default on Ampere and newer GPUs).
+3. compiled (float64): gbml.compiled.CompiledMetaStep, modes "default" and "reduce-overhead"
+   (PyTorch's CUDA graphs), against the per-task loop over three steps;
+4. float32 at the benchmark's size: the vmap path against the float64 loop, with TF32 allowed in
+   cuDNN's convolutions (PyTorch's default on Ampere and newer GPUs) and with it forbidden.
 
     python benchmarks/check_gpu.py --out benchmarks/results/check_gpu.json
+    python benchmarks/check_gpu.py --device cpu --sections bisection compiled   # the code paths, eagerly
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +38,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.meta_step_speed import relative_difference
+from gbml.compiled import CompiledMetaStep
 from gbml.graphs import GraphedMetaStep
 
 EXACT = {  # small enough for float64, λ large enough that CG converges at a random initialisation
@@ -38,6 +47,90 @@ EXACT = {  # small enough for float64, λ large enough that CG converges at a ra
     "reptile": gbml.Reptile(inner_lr=0.1, inner_steps=2),
     "imaml": gbml.IMAML(inner_lr=0.01, lam=200.0, inner_steps=3, cg_steps=25, cg_tol=1e-8),
 }
+
+
+def graph_bisection(device) -> list[dict]:
+    """Relative differences between each replay of the captured step and the eager vmap path at
+    the same φ, step by step (agreement is ~1e-15 in float64)."""
+    rows = []
+    setting = Setting(meta_batch=4, hidden=8)
+    capture_batch, new_batch = (make_tasks(setting, device, torch.float64, seed=s) for s in (1, 2))
+    for name in ("maml", "fomaml"):
+        for optimizer_name in ("adam", "sgd"):
+            algorithm = EXACT[name]
+            model, loss = make_model(setting, device, torch.float64)
+            params = gbml.parameters_of(model)
+            if optimizer_name == "adam":
+                optimizer = torch.optim.Adam(params.values(), lr=1e-2, capturable=device.type == "cuda")
+            else:
+                optimizer = torch.optim.SGD(params.values(), lr=0.1)
+            graphed = GraphedMetaStep(
+                algorithm,
+                loss,
+                params,
+                optimizer,
+                capture_batch,
+                capture=device.type == "cuda",
+                experimental=True,
+            )
+            row = {"algorithm": name, "optimizer": optimizer_name}
+            stages = (
+                ("replay 1, capture batch", capture_batch),
+                ("replay 2, capture batch, updated phi", capture_batch),
+                ("replay 3, new batch", new_batch),
+                ("replay 4, new batch again", new_batch),
+            )
+            for stage, batch in stages:
+                expected, _ = gbml.meta_gradient(algorithm, loss, params, batch, batched=True)
+                before = {k: p.detach().clone() for k, p in params.items()}
+                got = graphed(batch).meta_gradient
+                row[stage] = relative_difference(got, expected)
+                if optimizer_name == "sgd":  # φ ← φ − 0.1 Δ, checkable by hand
+                    stepped = {k: before[k] - 0.1 * got[k] for k in before}
+                    row[stage + ": update"] = relative_difference(dict(params), stepped)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def compiled_agreement(device, names=("maml",)) -> list[dict]:
+    """CompiledMetaStep against gbml.meta_step's loop over three steps (SGD with momentum: Adam
+    would turn rounding noise in gradients that are exactly zero into 1e-10 steps)."""
+    rows = []
+    setting = Setting(meta_batch=4, hidden=8)
+    batches = [make_tasks(setting, device, torch.float64, seed=20 + s) for s in range(3)]
+    modes = ("default", "reduce-overhead") if device.type == "cuda" else ("default",)
+    # MAML only by default: each compilation takes a minute or more, and the CPU test suite
+    # checks the compiled step of all four algorithms.
+    for name in names:
+        # iMAML with five CG steps, as the benchmark takes: compile time grows with every step.
+        algorithm = EXACT[name]
+        if name == "imaml":
+            algorithm = dataclasses.replace(algorithm, cg_steps=5, on_cg_failure="warn")
+        for mode in modes:
+            model_l, loss_l = make_model(setting, device, torch.float64)
+            params_l = gbml.parameters_of(model_l)
+            sgd_l = torch.optim.SGD(params_l.values(), lr=0.1, momentum=0.9)
+            model_c, loss_c = make_model(setting, device, torch.float64)
+            params_c = gbml.parameters_of(model_c)
+            sgd_c = torch.optim.SGD(params_c.values(), lr=0.1, momentum=0.9)
+            compiled = CompiledMetaStep(algorithm, loss_c, params_c, sgd_c, mode=mode)
+            worst = 0.0
+            for batch in batches:
+                expected = gbml.meta_step(algorithm, loss_l, params_l, batch, sgd_l, batched=False)
+                got = compiled(batch)
+                worst = max(worst, relative_difference(got.meta_gradient, expected.meta_gradient))
+            after = relative_difference(dict(params_c), dict(params_l))
+            row = {
+                "algorithm": name,
+                "mode": mode,
+                "compiled_vs_loop_meta_gradient_3_steps": worst,
+                "compiled_vs_loop_parameters_after_3_steps": after,
+                "pass": max(worst, after) < 1e-10,
+            }
+            rows.append(row)
+            print(row, flush=True)
+    return rows
 
 
 def float64_agreement(device) -> list[dict]:
@@ -52,8 +145,11 @@ def float64_agreement(device) -> list[dict]:
         batched, _ = gbml.meta_gradient(algorithm, loss, phi, tasks, batched=True)
         model_g, loss_g = make_model(setting, device, torch.float64)
         params_g = gbml.parameters_of(model_g)
-        adam_g = torch.optim.Adam(params_g.values(), lr=1e-2, capturable=True)
-        graphed = GraphedMetaStep(algorithm, loss_g, params_g, adam_g, tasks, capture=True, experimental=True)
+        adam_g = torch.optim.Adam(params_g.values(), lr=1e-2, capturable=device.type == "cuda")
+        capture = device.type == "cuda"
+        graphed = GraphedMetaStep(
+            algorithm, loss_g, params_g, adam_g, tasks, capture=capture, experimental=True
+        )
         model_l, loss_l = make_model(setting, device, torch.float64)
         params_l = gbml.parameters_of(model_l)
         adam_l = torch.optim.Adam(params_l.values(), lr=1e-2)
@@ -62,8 +158,10 @@ def float64_agreement(device) -> list[dict]:
         same_batch = relative_difference(graphed(tasks).meta_gradient, batched)
         model_g, loss_g = make_model(setting, device, torch.float64)
         params_g = gbml.parameters_of(model_g)
-        adam_g = torch.optim.Adam(params_g.values(), lr=1e-2, capturable=True)
-        graphed = GraphedMetaStep(algorithm, loss_g, params_g, adam_g, tasks, capture=True, experimental=True)
+        adam_g = torch.optim.Adam(params_g.values(), lr=1e-2, capturable=device.type == "cuda")
+        graphed = GraphedMetaStep(
+            algorithm, loss_g, params_g, adam_g, tasks, capture=capture, experimental=True
+        )
         worst_graph = 0.0
         for seed in range(3):
             batch = make_tasks(setting, device, torch.float64, seed=10 + seed)
@@ -85,6 +183,17 @@ def float64_agreement(device) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def tf32(allowed: bool):
+    """Allow or forbid TF32 tensor-core arithmetic in cuDNN convolutions and float32 matmuls."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def float32_accuracy(device) -> list[dict]:
     rows = []
     setting = Setting()
@@ -98,15 +207,17 @@ def float32_accuracy(device) -> list[dict]:
         model, loss = make_model(setting, device, torch.float64)
         reference, _ = gbml.meta_gradient(algorithm, loss, gbml.parameters_of(model), tasks64, batched=False)
         tasks32 = make_tasks(setting, device, torch.float32)
-        for conv in ("native", "unfold"):
+        for conv, allow_tf32 in (("native", True), ("native", False), ("unfold", True)):
             model32, loss32 = make_model(setting, device, torch.float32, conv=conv)
-            delta, _ = gbml.meta_gradient(
-                algorithm, loss32, gbml.parameters_of(model32), tasks32, batched=True
-            )
+            with tf32(allow_tf32):
+                delta, _ = gbml.meta_gradient(
+                    algorithm, loss32, gbml.parameters_of(model32), tasks32, batched=True
+                )
             rows.append(
                 {
                     "algorithm": name,
                     "conv": conv,
+                    "tf32": allow_tf32,
                     "relative_error_vs_float64": relative_difference(delta, reference),
                 }
             )
@@ -114,22 +225,33 @@ def float32_accuracy(device) -> list[dict]:
     return rows
 
 
+SECTIONS = {
+    "bisection": graph_bisection,
+    "float64": float64_agreement,
+    "compiled": compiled_agreement,
+    "float32": float32_accuracy,
+}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--out", default="benchmarks/results/check_gpu.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", message="iMAML's conjugate gradient missed")
     results = {"machine": machine_description(device)}
-    results["float64"] = float64_agreement(device)
-    write_json(args.out, results)
-    configure(device)  # the float32 part runs under the benchmark's settings (TF32)
-    results["float32"] = float32_accuracy(device)
-    write_json(args.out, results)
-    print("all float64 checks pass:", all(r["pass"] for r in results["float64"]))
+    for section in args.sections:
+        if section == "float32":
+            configure(device)  # the float32 part runs under the benchmark's settings
+        results[section] = SECTIONS[section](device)
+        write_json(args.out, results)
+    for section in ("float64", "compiled"):
+        if section in results:
+            print(f"all {section} checks pass:", all(r["pass"] for r in results[section]))
     return results
 
 

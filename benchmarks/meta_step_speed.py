@@ -11,6 +11,10 @@ it times:
   vmap-unfold   the same with convolutions as im2col + matmul (gbml.UnfoldConv2d)
   graph         gbml.graphs.GraphedMetaStep (experimental): the vmapped step and Adam in one CUDA graph
   graph-unfold  both
+  compile       gbml.compiled.CompiledMetaStep: the vmapped meta-gradient through torch.compile
+  compile-graphs  the same with mode="reduce-overhead" (PyTorch's CUDA graphs; GPU only)
+
+Compiled paths are compiled before the clock starts (the compile time is reported separately).
 
 Each path's first meta-gradient is compared with the loop's before timing; the clock is read
 with the GPU synchronised, the median of --iterations timed steps after warm-up is reported
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -42,15 +47,17 @@ from benchmarks.common import (
     make_model,
     make_tasks,
     result_grids,
+    synchronize,
     time_step,
     time_steps_interleaved,
     write_json,
 )
+from gbml.compiled import CompiledMetaStep
 from gbml.graphs import GraphedMetaStep
 from gbml.notebook import resolve_device
 
-GPU_PATHS = ("loop", "higher", "vmap", "vmap-unfold", "graph", "graph-unfold")
-CPU_PATHS = ("loop", "higher", "vmap", "auto")
+GPU_PATHS = ("loop", "higher", "vmap", "vmap-unfold", "graph", "graph-unfold", "compile", "compile-graphs")
+CPU_PATHS = ("loop", "higher", "vmap", "auto")  # compile: ask for it with --paths (1.5 min per compile)
 
 
 def build_step(path: str, algorithm, setting: Setting, device: torch.device, tasks: gbml.Task):
@@ -79,6 +86,15 @@ def build_step(path: str, algorithm, setting: Setting, device: torch.device, tas
 
         def step():
             return graphed(tasks)
+
+        return step, lambda: step().meta_gradient
+    if path.startswith("compile"):
+        optimizer = torch.optim.Adam(params.values(), lr=1e-3, fused=device.type == "cuda")
+        mode = "reduce-overhead" if path == "compile-graphs" else "default"
+        compiled = CompiledMetaStep(algorithm, loss, params, optimizer, mode=mode)
+
+        def step():
+            return compiled(tasks)
 
         return step, lambda: step().meta_gradient
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
@@ -145,7 +161,10 @@ def main(argv=None) -> dict:
                 rows[path] = row = {"algorithm": name, "inner_steps": steps, "path": path}
                 try:
                     step, first_gradient = build_step(path, algorithm, setting, device, tasks)
-                    gradient = first_gradient()
+                    started = time.perf_counter()
+                    gradient = first_gradient()  # compiles the compiled paths
+                    synchronize(device)
+                    row["first_call_s"] = time.perf_counter() - started
                     reference = gradient if path == "loop" else reference
                     if reference is not None:
                         row["relative_difference_to_loop"] = relative_difference(gradient, reference)

@@ -25,6 +25,23 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def gpu_speed_results() -> dict | None:
+    """The GPU speed rows: benchmarks/gpu_run.sh writes MAML at L = 1 with every path and the
+    rest in two files; older runs wrote one."""
+    parts = [load(name) for name in ("meta_step_speed_gpu_maml_l1.json", "meta_step_speed_gpu_rest.json")]
+    parts = [p for p in parts if p]
+    if not parts:
+        return load("meta_step_speed_gpu.json")
+    merged, seen = dict(parts[0], rows=[]), set()
+    for part in parts:  # a row measured in the first file is not replaced by the second's
+        for row in part["rows"]:
+            key = (row["algorithm"], row["inner_steps"], row["path"])
+            if key not in seen:
+                seen.add(key)
+                merged["rows"].append(row)
+    return merged
+
+
 def machine_line(machine: dict) -> str:
     where = machine.get("gpu") or f"CPU ({machine['cpu']}, {machine['cpu_threads']} threads)"
     return f"{where}, torch {machine['torch']}, Python {machine['python']}"
@@ -52,29 +69,60 @@ def speed_tables(results: dict, *, skip_algorithms=()) -> str:
 
 
 def check_table(check: dict) -> str:
-    header = [
-        "algorithm",
-        "vmap vs loop",
-        "graph† vs loop (meta-gradient, 3 steps)",
-        "graph† vs loop (φ after 3 steps)",
-    ]
-    rows = [
-        [
-            r["algorithm"],
-            f"{r['vmap_vs_loop']:.1e}",
-            f"{r['graph_vs_loop_meta_gradient_3_steps']:.1e}",
-            f"{r['graph_vs_loop_parameters_after_3_steps']:.1e}",
+    """The agreement checks of benchmarks/check_gpu.py, as far as the run got."""
+    text = ""
+    if check.get("bisection"):
+        stages = [k for k in check["bisection"][0] if k.startswith("replay")]
+        rows = [
+            [r["algorithm"], r["optimizer"], *(f"{r.get(k, float('nan')):.1e}" for k in stages)]
+            for r in check["bisection"]
         ]
-        for r in check["float64"]
-    ]
-    text = "Relative differences in float64 on the GPU (conv net with 8 filters, 4 tasks):\n\n"
-    text += markdown_table(header, rows)
+        text += "Each replay of the captured step against the eager vmap step at the same φ (float64):\n\n"
+        text += markdown_table(["algorithm", "optimizer", *stages], rows)
+    if check.get("float64"):
+        header = [
+            "algorithm",
+            "vmap vs loop",
+            "graph† vs loop (meta-gradient, 3 steps)",
+            "graph† vs loop (φ after 3 steps)",
+        ]
+        rows = [
+            [
+                r["algorithm"],
+                f"{r['vmap_vs_loop']:.1e}",
+                f"{r['graph_vs_loop_meta_gradient_3_steps']:.1e}",
+                f"{r['graph_vs_loop_parameters_after_3_steps']:.1e}",
+            ]
+            for r in check["float64"]
+        ]
+        text += "\nRelative differences in float64 on the GPU (conv net with 8 filters, 4 tasks):\n\n"
+        text += markdown_table(header, rows)
+    if check.get("compiled"):
+        rows = [
+            [
+                r["algorithm"],
+                r["mode"],
+                f"{r['compiled_vs_loop_meta_gradient_3_steps']:.1e}",
+                f"{r['compiled_vs_loop_parameters_after_3_steps']:.1e}",
+            ]
+            for r in check["compiled"]
+        ]
+        text += "\nThe compiled step against the loop in float64 (3 steps of SGD with momentum):\n\n"
+        text += markdown_table(["algorithm", "mode", "meta-gradient", "φ after 3 steps"], rows)
     if check.get("float32"):
         rows = [
-            [r["algorithm"], r["conv"], f"{r['relative_error_vs_float64']:.1e}"] for r in check["float32"]
+            [
+                r["algorithm"],
+                r["conv"],
+                {True: "on", False: "off"}.get(r.get("tf32", True)),
+                f"{r['relative_error_vs_float64']:.1e}",
+            ]
+            for r in check["float32"]
         ]
         text += "\nThe float32 batched path at the benchmark's size against the float64 loop:\n\n"
-        text += markdown_table(["algorithm", "convolution", "relative error of the float32 vmap path"], rows)
+        text += markdown_table(
+            ["algorithm", "convolution", "TF32", "relative error of the float32 vmap path"], rows
+        )
     return text
 
 
@@ -126,10 +174,13 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     parts = []
     gpu_speed, gpu_memory, check = (
-        load("meta_step_speed_gpu.json"),
+        gpu_speed_results(),
         load("memory_vs_steps_gpu.json"),
         load("check_gpu.json"),
     )
+    compiled_check = load("check_gpu_compiled.json")
+    if check and compiled_check:
+        check["compiled"] = compiled_check.get("compiled")
     cpu_memory = load("memory_vs_steps_cpu.json")
     if gpu_speed:
         parts.append(f"### GPU: {machine_line(gpu_speed['machine'])}\n")

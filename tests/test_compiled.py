@@ -5,6 +5,7 @@ one block of 4 filters on 8×8 images: the same kinds of layers (convolution, co
 ReLU, pooling, linear head) and the same code paths, with a much smaller program to compile.
 """
 
+import json
 import warnings
 
 import pytest
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 
 import gbml
 from conftest import make_classification_task
+from gbml.cli import main
 from gbml.compiled import CompiledMetaStep
+from gbml.training import TrainConfig, load_checkpoint
 from reference import clone_params, relative_error
 
 ALGORITHMS = {
@@ -120,3 +123,35 @@ def test_many_compiled_steps_in_one_process(generator):
         )
         expected, _ = gbml.meta_gradient(step.algorithm, step.loss, params, tasks, batched=False)
         assert relative_error(step(tasks).meta_gradient, expected) < 1e-5  # float32
+
+
+def test_training_with_the_compiled_step(tmp_path, capsys):
+    """``python -m gbml train --batched compile`` trains as the vmap path does: the same
+    training losses and the same meta-parameters up to float32 rounding (1e-5 relative)."""
+    tiny = [
+        "--dataset",
+        "sinusoid",
+        "--iterations",
+        "10",
+        "--validate-every",
+        "5",
+        "--validation-tasks",
+        "10",
+    ]
+    for batched in ("true", "compile"):
+        assert (
+            main(["train", *tiny, "--batched", batched, "--out", str(tmp_path / batched), "--no-progress"])
+            == 0
+        )
+    capsys.readouterr()
+    histories = {b: json.loads((tmp_path / b / "history.json").read_text()) for b in ("true", "compile")}
+    losses = {b: torch.tensor([r["query_loss"] for r in h["train"]]) for b, h in histories.items()}
+    assert len(losses["compile"]) == 10
+    assert torch.allclose(losses["compile"], losses["true"], rtol=1e-5)
+    phi = {
+        b: clone_params(load_checkpoint(tmp_path / b / "last.pt", device="cpu")[1].model)
+        for b in ("true", "compile")
+    }
+    assert relative_error(phi["compile"], phi["true"]) < 1e-5
+    with pytest.raises(ValueError, match="'compile'"):
+        TrainConfig(batched="jit")

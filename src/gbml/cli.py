@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         "device": "auto (a GPU if there is one), cpu or cuda",
         "validate_every": "meta-iterations between validations (and checkpoints)",
         "validation_tasks": "tasks per validation",
-        "batched": "vmap over tasks: auto, true or false",
+        "batched": "vmap over tasks: auto, true, false, or compile (vmap through torch.compile)",
     }
     for f in fields(TrainConfig):
         if f.name in ("algorithm", "dataset"):

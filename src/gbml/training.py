@@ -24,7 +24,8 @@ from torch.func import vmap
 
 from gbml.adapt import LossFn, proximal_task_adapt, task_adapt
 from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
-from gbml.meta import choose_batched, meta_step
+from gbml.compiled import CompiledMetaStep
+from gbml.meta import MetaStepResult, choose_batched, meta_step
 from gbml.models import ConvNet, SinusoidMLP, make_loss
 from gbml.notebook import resolve_device
 from gbml.params import Params, detached, parameters_of
@@ -80,8 +81,8 @@ class TrainConfig:
             raise ValueError(f"eval_inner_steps must be non-negative, got {self.eval_inner_steps!r}")
         if not self.outer_lr > 0:
             raise ValueError(f"outer_lr must be positive, got {self.outer_lr!r}")
-        if self.batched not in ("auto", "true", "false"):
-            raise ValueError(f"batched must be 'auto', 'true' or 'false', got {self.batched!r}")
+        if self.batched not in ("auto", "true", "false", "compile"):
+            raise ValueError(f"batched must be 'auto', 'true', 'false' or 'compile', got {self.batched!r}")
         self.make_algorithm()  # validates inner_lr, inner_steps, lam, cg_steps
 
     @property
@@ -109,7 +110,9 @@ class TrainConfig:
 
     @property
     def batched_option(self) -> bool | str:
-        return {"auto": "auto", "true": True, "false": False}[self.batched]
+        """``batched`` for :func:`gbml.meta_step` and evaluation ("compile" compiles the training
+        step only; evaluation then runs the vmap path uncompiled)."""
+        return {"auto": "auto", "true": True, "false": False, "compile": True}[self.batched]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -276,12 +279,19 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         }
         save_checkpoint(out_dir / name, state)
 
+    if config.batched == "compile":
+        step = CompiledMetaStep(algorithm, problem.loss, params, optimizer)
+    else:
+
+        def step(tasks: Task) -> MetaStepResult:
+            return meta_step(algorithm, problem.loss, params, tasks, optimizer, batched=config.batched_option)
+
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress)
     for iteration in bar:
         tasks = problem.tasks["train"].sample(
             config.meta_batch, config.shots, config.queries, generator, device=device
         )
-        result = meta_step(algorithm, problem.loss, params, tasks, optimizer, batched=config.batched_option)
+        result = step(tasks)
         history["train"].append({"iteration": iteration + 1, "query_loss": result.query_loss})
         if (iteration + 1) % config.validate_every == 0 or iteration + 1 == config.iterations:
             val = evaluate(
