@@ -114,7 +114,7 @@ def check_table(check: dict) -> str:
             [
                 r["algorithm"],
                 r["conv"],
-                {True: "on", False: "off"}.get(r.get("tf32", True)),
+                {True: "on", False: "off", None: "none (CPU)"}[r.get("tf32", True)],
                 f"{r['relative_error_vs_float64']:.1e}",
             ]
             for r in check["float32"]
@@ -193,6 +193,10 @@ def main() -> None:
     if check:
         parts.append(f"### Agreement on the GPU: {machine_line(check['machine'])}\n")
         parts.append(check_table(check))
+    cpu_float32 = load("check_cpu_float32.json")
+    if cpu_float32:
+        parts.append(f"### float32 accuracy on the CPU: {machine_line(cpu_float32['machine'])}\n")
+        parts.append(check_table(cpu_float32))
     if gpu_memory:
         parts.append(f"### Memory against inner steps, GPU: {machine_line(gpu_memory['machine'])}\n")
         parts.append(
