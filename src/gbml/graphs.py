@@ -9,8 +9,9 @@ single launch. The price is fixed shapes: every batch must have the example batc
 :func:`gbml.meta_step` to 1e-10 in the CPU test suite. Captured on an H100 (torch 2.11), its
 float64 meta-gradients over three steps differed from the per-task loop by up to 7.6e-2
 (MAML), 2.9e-1 (FO-MAML), 8.6e-6 (Reptile) and 5.3e-3 (iMAML) relative, while the first step
-agreed; the cause is not yet found (see benchmarks/check_gpu.py). Capture therefore needs
-``experimental=True`` and warns.
+agreed; the cause is not yet found (benchmarks/check_gpu.py bisects it replay by replay). Capture
+therefore needs ``experimental=True`` and warns. :class:`gbml.compiled.CompiledMetaStep` with
+``mode="reduce-overhead"`` reaches CUDA graphs by PyTorch's own machinery instead.
 
 Safety is kept otherwise: each replay also copies φ and the optimizer state into backup buffers
 before updating them, so that if the step produced a NaN (or iMAML's solve missed its
