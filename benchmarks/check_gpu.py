@@ -176,7 +176,10 @@ def float64_agreement(device) -> list[dict]:
                 "graph_first_step_on_capture_batch_vs_vmap": same_batch,
                 "graph_vs_loop_meta_gradient_3_steps": worst_graph,
                 "graph_vs_loop_parameters_after_3_steps": after,
-                "pass": max(relative_difference(batched, looped), worst_graph, after) < 1e-10,
+                # φ gets 1e-8: Adam divides by √v + ε, which turns the rounding noise in the
+                # gradient of a bias before a batch norm (0 in exact arithmetic) into steps of
+                # about 1e-10 (4.7e-11 relative after 3 steps measured on the CPU, eagerly).
+                "pass": max(relative_difference(batched, looped), worst_graph) < 1e-10 and after < 1e-8,
             }
         )
         print(rows[-1], flush=True)
