@@ -73,7 +73,10 @@ def test_graphed_step_equals_meta_step(name, generator):
         )
         got = step(tasks)
         assert relative_error(got.meta_gradient, expected.meta_gradient) < 1e-10
-    assert relative_error(clone_params(model_b), clone_params(model_a)) < 1e-10
+    # φ to 1e-8, not 1e-10: Adam divides by √v + ε, which turns the rounding noise in the gradient
+    # of a bias before a batch norm (0 in exact arithmetic) into steps of about 1e-10 (9e-11 here).
+    # A warm-up left in Adam's state shows far above that (7.5e-2 with its step count left at 3).
+    assert relative_error(clone_params(model_b), clone_params(model_a)) < 1e-8
 
 
 def test_graphed_step_undoes_a_diverged_update(generator):
