@@ -32,17 +32,17 @@ from torch import Tensor
 
 from gbml.adapt import LossFn
 from gbml.algorithms.base import MetaAlgorithm, TaskInfo
-from gbml.meta import MetaStepResult, choose_batched, non_finite_entries, per_task_deltas, raise_if_not_finite
+from gbml.meta import (
+    MetaStepResult,
+    apply_meta_gradient,
+    choose_batched,
+    mean_delta_unchecked,
+    raise_if_not_finite,
+)
 from gbml.params import Params, detached
 from gbml.tasks import Task, check_task
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def _mean_delta(algorithm: MetaAlgorithm, loss: LossFn, phi: Params, tasks: Task):
-    deltas, info = per_task_deltas(algorithm, loss, phi, tasks, batched=True)
-    mean = {name: d.mean(dim=0) for name, d in deltas.items()}
-    return mean, info, non_finite_entries(deltas, info)
 
 
 def _own_copy(fn: Callable) -> Callable:
@@ -51,7 +51,7 @@ def _own_copy(fn: Callable) -> Callable:
     TorchDynamo keeps its compiled programs on the code object of the function it compiles, and
     after a few different programs for one code object (8 by default) it stops compiling and
     runs the function eagerly. Every :class:`CompiledMetaStep` (another algorithm, another
-    model) needs its own program, so each compiles its own copy of :func:`_mean_delta`.
+    model) needs its own program, so each compiles its own copy of :func:`gbml.meta.mean_delta_unchecked`.
     """
     return types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
@@ -90,7 +90,9 @@ class CompiledMetaStep:
         choose_batched(loss, params, True)  # refuses models with torch.nn batch norm
         self.algorithm, self.loss, self.params, self.optimizer = algorithm, loss, dict(params), optimizer
         self.mode = mode
-        self._compiled = torch.compile(_own_copy(_mean_delta), mode=mode, fullgraph=True, dynamic=False)
+        self._compiled = torch.compile(
+            _own_copy(mean_delta_unchecked), mode=mode, fullgraph=True, dynamic=False
+        )
 
     def meta_gradient(self, tasks: Task) -> tuple[Params, TaskInfo]:
         """The mean Δ over the batch and the per-task diagnostics, as :func:`gbml.meta_gradient`."""
@@ -108,7 +110,4 @@ class CompiledMetaStep:
 
     def __call__(self, tasks: Task) -> MetaStepResult:
         delta, info = self.meta_gradient(tasks)
-        for name, p in self.params.items():
-            p.grad = delta[name].to(p.dtype)
-        self.optimizer.step()
-        return MetaStepResult(delta, info)
+        return apply_meta_gradient(self.params, delta, info, self.optimizer)

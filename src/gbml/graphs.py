@@ -28,7 +28,7 @@ from torch import Tensor
 
 from gbml.adapt import LossFn
 from gbml.algorithms.base import MetaAlgorithm
-from gbml.meta import MetaStepResult, choose_batched, non_finite_entries, per_task_deltas, raise_if_not_finite
+from gbml.meta import MetaStepResult, choose_batched, mean_delta_unchecked, raise_if_not_finite
 from gbml.params import detached
 from gbml.tasks import Task, check_task
 
@@ -157,14 +157,12 @@ class GraphedMetaStep:
         return tensors
 
     def _update(self):
-        phi = detached(self.params)
-        deltas, info = per_task_deltas(self.algorithm, self.loss, phi, self.tasks, batched=True)
-        mean = {name: d.mean(dim=0) for name, d in deltas.items()}
+        mean, info, bad = mean_delta_unchecked(self.algorithm, self.loss, detached(self.params), self.tasks)
         with torch.no_grad():
             for name, p in self.params.items():
-                p.grad.copy_(mean[name])
+                p.grad.copy_(mean[name])  # in place: the graph keeps the .grad tensors' addresses
         self.optimizer.step()
-        return mean, info, non_finite_entries(deltas, info)
+        return mean, info, bad
 
     def _backed_up_update(self):
         with torch.no_grad():

@@ -157,10 +157,27 @@ def meta_step(
         delta, info = dist_meta.meta_gradient(algorithm, loss, params, tasks, batched=batched)
     else:
         delta, info = meta_gradient(algorithm, loss, params, tasks, batched=batched)
+    return apply_meta_gradient(params, delta, info, optimizer)
+
+
+def apply_meta_gradient(
+    params: Mapping[str, Tensor], delta: Params, info: TaskInfo, optimizer: torch.optim.Optimizer
+) -> MetaStepResult:
+    """Hand the mean Δ to ``optimizer`` as the gradient of ``params`` and take its step."""
     for name, p in params.items():
         p.grad = delta[name].to(p.dtype)
     optimizer.step()
     return MetaStepResult(delta, info)
+
+
+def mean_delta_unchecked(
+    algorithm: MetaAlgorithm, loss: LossFn, phi: Params, tasks: Task
+) -> tuple[Params, TaskInfo, Tensor]:
+    """The batched mean Δ, the diagnostics and the count of non-finite entries, with no host
+    synchronisation: what the CUDA-graph and compiled steps run (they raise afterwards)."""
+    deltas, info = per_task_deltas(algorithm, loss, phi, tasks, batched=True)
+    mean = {name: d.mean(dim=0) for name, d in deltas.items()}
+    return mean, info, non_finite_entries(deltas, info)
 
 
 def non_finite_entries(deltas: Params, info: TaskInfo) -> Tensor:
