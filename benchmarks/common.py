@@ -202,6 +202,15 @@ def result_grids(results: dict, skip_algorithms=()) -> list[tuple[str, list[str]
                 if baseline in by_key[(row[0], row[1])]
             ]
             grids.append((f"speed-up over {baseline} (its time / the path's)", others, speedups))
+    if any("relative_difference_to_loop" in r for r in rows):
+        # float32 paths differ from the loop by rounding (and TF32 on a GPU); a bug shows as ~1.
+        grids.append(
+            (
+                "first meta-gradient against the loop's (relative difference)",
+                paths,
+                grid(paths, lambda c, p: f"{c[p].get('relative_difference_to_loop', float('nan')):.1e}"),
+            )
+        )
     if any(r.get("peak_memory_mib") is not None for r in rows):
         grids.append(
             ("peak GPU memory (MiB)", paths, grid(paths, lambda c, p: f"{c[p]['peak_memory_mib']:.0f}"))

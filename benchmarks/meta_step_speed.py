@@ -9,6 +9,8 @@ it times:
   higher        a loop over tasks with the `higher` library (when installed)
   vmap          gbml.meta_step(batched=True): all tasks in one torch.func.vmap call
   vmap-unfold   the same with convolutions as im2col + matmul (gbml.UnfoldConv2d)
+  vmap-bf16     the vmap step under torch.autocast to bfloat16 (a precision experiment: its
+                meta-gradient is recorded against the loop's, and is far off)
   graph         gbml.graphs.GraphedMetaStep (experimental): the vmapped step and Adam in one CUDA graph
   graph-unfold  both
   compile       gbml.compiled.CompiledMetaStep: the vmapped meta-gradient through torch.compile
@@ -56,7 +58,17 @@ from gbml.compiled import CompiledMetaStep
 from gbml.graphs import GraphedMetaStep
 from gbml.notebook import resolve_device
 
-GPU_PATHS = ("loop", "higher", "vmap", "vmap-unfold", "graph", "graph-unfold", "compile", "compile-graphs")
+GPU_PATHS = (
+    "loop",
+    "higher",
+    "vmap",
+    "vmap-unfold",
+    "vmap-bf16",
+    "graph",
+    "graph-unfold",
+    "compile",
+    "compile-graphs",
+)
 CPU_PATHS = ("loop", "higher", "vmap", "auto")  # compile: ask for it with --paths (1.5 min per compile)
 
 
@@ -98,10 +110,13 @@ def build_step(path: str, algorithm, setting: Setting, device: torch.device, tas
 
         return step, lambda: step().meta_gradient
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
-    batched = {"loop": False, "vmap": True, "vmap-unfold": True, "auto": "auto"}[path]
+    batched = {"loop": False, "vmap": True, "vmap-unfold": True, "vmap-bf16": True, "auto": "auto"}[path]
+    # bfloat16 keeps 8 significant bits; autocast runs convolutions and matrix products in it.
+    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=path.endswith("bf16"))
 
     def step():
-        return gbml.meta_step(algorithm, loss, params, tasks, optimizer, batched=batched)
+        with precision:
+            return gbml.meta_step(algorithm, loss, params, tasks, optimizer, batched=batched)
 
     return step, lambda: step().meta_gradient
 
