@@ -11,7 +11,7 @@ it times:
   vmap-unfold   the same with convolutions as im2col + matmul (gbml.UnfoldConv2d)
   vmap-bf16     the vmap step under torch.autocast to bfloat16 (a precision experiment: its
                 meta-gradient is recorded against the loop's, and is far off)
-  graph         gbml.graphs.GraphedMetaStep (experimental): the vmapped step and Adam in one CUDA graph
+  graph         gbml.graphs.GraphedMetaStep: the vmapped step and capturable Adam in one CUDA graph
   graph-unfold  both
   compile       gbml.compiled.CompiledMetaStep: the vmapped meta-gradient through torch.compile
   compile-graphs  the same with mode="reduce-overhead" (PyTorch's CUDA graphs; GPU only)
@@ -92,9 +92,7 @@ def build_step(path: str, algorithm, setting: Setting, device: torch.device, tas
         return step, first_gradient
     if path.startswith("graph"):
         optimizer = torch.optim.Adam(params.values(), lr=1e-3, capturable=device.type == "cuda")
-        graphed = GraphedMetaStep(
-            algorithm, loss, params, optimizer, tasks, capture=device.type == "cuda", experimental=True
-        )
+        graphed = GraphedMetaStep(algorithm, loss, params, optimizer, tasks, capture=device.type == "cuda")
 
         def step():
             return graphed(tasks)

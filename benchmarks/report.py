@@ -6,6 +6,7 @@ Performance appendix (book/_generated/). Run after the benchmark scripts:
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,6 @@ from benchmarks.common import result_grids  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "book" / "_generated"
-UNVERIFIED = ("graph", "graph-unfold")  # failed the float64 agreement check on the GPU
 
 
 def load(name: str) -> dict | None:
@@ -25,21 +25,38 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def gpu_speed_results() -> dict | None:
-    """The GPU speed rows: benchmarks/gpu_run.sh writes MAML at L = 1 with every path and the
-    rest in two files; older runs wrote one."""
+def gpu_speed_results() -> list[tuple[str, dict]]:
+    """The GPU speed tables, newest run first, each with a caption. benchmarks/gpu_run.sh
+    writes MAML at L = 1 with every path, then the other rows; where that run did not reach the
+    other rows, the earlier run's full table (meta_step_speed_gpu.json) is shown as well."""
     parts = [load(name) for name in ("meta_step_speed_gpu_maml_l1.json", "meta_step_speed_gpu_rest.json")]
     parts = [p for p in parts if p]
-    if not parts:
-        return load("meta_step_speed_gpu.json")
-    merged, seen = dict(parts[0], rows=[]), set()
-    for part in parts:  # a row measured in the first file is not replaced by the second's
-        for row in part["rows"]:
-            key = (row["algorithm"], row["inner_steps"], row["path"])
-            if key not in seen:
-                seen.add(key)
-                merged["rows"].append(row)
-    return merged
+    tables = []
+    if parts:
+        merged, seen = dict(parts[0], rows=[]), set()
+        for part in parts:  # a row measured in the first file is not replaced by the second's
+            for row in part["rows"]:
+                key = (row["algorithm"], row["inner_steps"], row["path"])
+                if key not in seen:
+                    seen.add(key)
+                    merged["rows"].append(row)
+        tables.append(("latest run", merged))
+    earlier = load("meta_step_speed_gpu.json")
+    if earlier and not load("meta_step_speed_gpu_rest.json"):
+        tables.append(("earlier run, the other algorithms and L = 5", earlier))
+    return tables
+
+
+def compiled_rows_from_log() -> list[dict]:
+    """Rows of check_gpu.py's compiled section printed to gpu_run.log: a section cut short by the
+    time limit prints the rows it finished but writes no JSON file."""
+    log = RESULTS / "gpu_run.log"
+    if not log.exists():
+        return []
+    rows = (
+        ast.literal_eval(line) for line in log.read_text().splitlines() if line.startswith("{'algorithm'")
+    )
+    return [r for r in rows if "compiled_vs_loop_meta_gradient_3_steps" in r]
 
 
 def machine_line(machine: dict) -> str:
@@ -54,12 +71,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def speed_tables(results: dict, *, skip_algorithms=()) -> str:
-    def label(path):
-        return f"{path}†" if path in UNVERIFIED else path
-
     text = ""
     for title, paths, rows in result_grids(results, skip_algorithms):
-        header = ["algorithm", "L", *(label(p) for p in paths)]
+        header = ["algorithm", "L", *paths]
         text += f"\n{title}:\n\n" + markdown_table(header, [[a, steps, *cells] for a, steps, cells in rows])
     errors = [r for r in results["rows"] if "error" in r]
     if errors:
@@ -72,26 +86,54 @@ def check_table(check: dict) -> str:
     """The agreement checks of benchmarks/check_gpu.py, as far as the run got."""
     text = ""
     if check.get("bisection"):
-        stages = [k for k in check["bisection"][0] if k.startswith("replay")]
-        rows = [
-            [r["algorithm"], r["optimizer"], *(f"{r.get(k, float('nan')):.1e}" for k in stages)]
-            for r in check["bisection"]
+        rows = []
+        for r in check["bisection"]:
+            for stage in [k for k in r if k.startswith("replay") and ":" not in k]:
+                count = r.get(f"{stage}: adam step count before")
+                rows.append(
+                    [
+                        r["algorithm"],
+                        r["optimizer"],
+                        stage,
+                        "–" if count is None else f"{count:.0f}",
+                        f"{r[stage]:.1e}",
+                        f"{r[f'{stage}: update']:.1e}" if f"{stage}: update" in r else "–",
+                        f"{r[key]:.1e}" if (key := f"{stage}: update vs float32 corrections") in r else "–",
+                    ]
+                )
+        text += (
+            "Each replay of the captured step (float64) against the eager vmap step at the same φ, "
+            "and the update it applied against the optimizer's step written out by hand:\n\n"
+        )
+        header = [
+            "algorithm",
+            "optimizer",
+            "replay",
+            "Adam's step count before",
+            "meta-gradient",
+            "update",
+            "update vs Adam with float32 corrections",
         ]
-        text += "Each replay of the captured step against the eager vmap step at the same φ (float64):\n\n"
-        text += markdown_table(["algorithm", "optimizer", *stages], rows)
+        text += markdown_table(header, rows)
     if check.get("float64"):
         header = [
             "algorithm",
             "vmap vs loop",
-            "graph† vs loop (meta-gradient, 3 steps)",
-            "graph† vs loop (φ after 3 steps)",
+            "graph vs loop, Adam (meta-gradient, 3 steps)",
+            "graph vs loop, Adam (φ after 3 steps)",
+            "graph vs loop, SGD (meta-gradient, 3 steps)",
         ]
+
+        def cell(row, key):
+            return f"{row[key]:.1e}" if key in row else "–"
+
         rows = [
             [
                 r["algorithm"],
-                f"{r['vmap_vs_loop']:.1e}",
-                f"{r['graph_vs_loop_meta_gradient_3_steps']:.1e}",
-                f"{r['graph_vs_loop_parameters_after_3_steps']:.1e}",
+                cell(r, "vmap_vs_loop"),
+                cell(r, "graph_vs_loop_meta_gradient_3_steps"),
+                cell(r, "graph_vs_loop_parameters_after_3_steps"),
+                cell(r, "graph_sgd_vs_loop_meta_gradient_3_steps"),
             ]
             for r in check["float64"]
         ]
@@ -124,6 +166,40 @@ def check_table(check: dict) -> str:
             ["algorithm", "convolution", "TF32", "relative error of the float32 vmap path"], rows
         )
     return text
+
+
+def emulation_table(gpu_rows: list[dict], emulation: dict) -> str:
+    """The graph's float64 disagreement on the GPU beside its CPU reproduction by
+    benchmarks/capturable_adam.py (eager Adam with its bias corrections in float32)."""
+    cpu = {r["algorithm"]: r for r in emulation["float32_corrections"]}
+    rows = [
+        [
+            r["algorithm"],
+            f"{r['graph_vs_loop_meta_gradient_3_steps']:.2e}",
+            f"{cpu[r['algorithm']]['meta_gradient_3_steps']:.2e}",
+            f"{r['graph_vs_loop_parameters_after_3_steps']:.2e}",
+            f"{cpu[r['algorithm']]['parameters_after_3_steps']:.2e}",
+        ]
+        for r in gpu_rows
+        if r["algorithm"] in cpu
+    ]
+    header = [
+        "algorithm",
+        "meta-gradient: graph vs loop, GPU",
+        "meta-gradient: float32 vs float64 corrections, CPU",
+        "φ: graph vs loop, GPU",
+        "φ: float32 vs float64 corrections, CPU",
+    ]
+    scaled = "; ".join(
+        f"1 + {r['lr_scale_minus_1']:.0e}: {r['meta_gradient_3_steps']:.1e}" for r in emulation["lr_scaled"]
+    )
+    return (
+        "\nThe graph's disagreement over three Adam steps (GPU, above) beside the same check run eagerly "
+        "on the CPU with Adam's bias corrections computed in float32 instead of float64 "
+        f"(`benchmarks/capturable_adam.py`, {machine_line(emulation['machine'])}):\n\n"
+        + markdown_table(header, rows)
+        + f"\nMAML's meta-gradient after three eager Adam steps with the learning rate scaled by {scaled}.\n"
+    )
 
 
 def memory_plot(gpu: dict | None, cpu: dict | None, path: Path) -> None:
@@ -178,13 +254,18 @@ def main() -> None:
         load("memory_vs_steps_gpu.json"),
         load("check_gpu.json"),
     )
-    compiled_check = load("check_gpu_compiled.json")
-    if check and compiled_check:
-        check["compiled"] = compiled_check.get("compiled")
+    if check:
+        # Later, shorter runs of single sections supersede the main run's rows.
+        bisection = load("check_gpu_bisection_adam.json")
+        if bisection:
+            check["bisection"] = bisection["bisection"]
+        compiled = compiled_rows_from_log() + (load("check_gpu_compiled.json") or {}).get("compiled", [])
+        if compiled:
+            check["compiled"] = list({(r["algorithm"], r["mode"]): r for r in compiled}.values())
     cpu_memory = load("memory_vs_steps_cpu.json")
-    if gpu_speed:
-        parts.append(f"### GPU: {machine_line(gpu_speed['machine'])}\n")
-        parts.append(speed_tables(gpu_speed, skip_algorithms=("imaml",)))
+    for caption, results in gpu_speed:
+        parts.append(f"### GPU, {caption}: {machine_line(results['machine'])}\n")
+        parts.append(speed_tables(results, skip_algorithms=("imaml",)))
     for batch in (4, 32):
         cpu = load(f"meta_step_speed_cpu_mb{batch}.json")
         if cpu:
@@ -193,6 +274,9 @@ def main() -> None:
     if check:
         parts.append(f"### Agreement on the GPU: {machine_line(check['machine'])}\n")
         parts.append(check_table(check))
+    emulation = load("capturable_adam_cpu.json")
+    if check and check.get("float64") and emulation:
+        parts.append(emulation_table(check["float64"], emulation))
     cpu_float32 = load("check_cpu_float32.json")
     if cpu_float32:
         parts.append(f"### float32 accuracy on the CPU: {machine_line(cpu_float32['machine'])}\n")
