@@ -53,11 +53,7 @@ def adam_run(algorithm, corrections_dtype, lr=LR, steps=3):
     for seed in range(steps):
         batch = make_tasks(SETTING, torch.device("cpu"), torch.float64, seed=10 + seed)
         delta, _ = gbml.meta_gradient(algorithm, loss, params, batch, batched=False)
-        stepped = adam_by_hand(params, delta, state, lr, corrections_dtype=corrections_dtype)
-        for k, g in delta.items():  # Adam's state after the step, for the next one
-            state[k]["exp_avg"] = 0.9 * state[k]["exp_avg"] + 0.1 * g
-            state[k]["exp_avg_sq"] = 0.999 * state[k]["exp_avg_sq"] + 0.001 * g * g
-            state[k]["step"] += 1
+        stepped, state = adam_by_hand(params, delta, state, lr, corrections_dtype=corrections_dtype)
         params = {k: v.detach() for k, v in stepped.items()}
         gradients.append(delta)
     return gradients, params

@@ -90,9 +90,11 @@ def graph_bisection(device) -> list[dict]:
                 if optimizer_name == "sgd":  # φ ← φ − 0.1 Δ, checkable by hand
                     stepped = {k: before[k] - 0.1 * got[k] for k in before}
                 else:
-                    stepped = adam_by_hand(before, got, state, lr=1e-2)
+                    stepped, _ = adam_by_hand(before, got, state, lr=1e-2)
                     # capturable Adam computes its bias corrections in float32 (see gbml.graphs)
-                    as_captured = adam_by_hand(before, got, state, lr=1e-2, corrections_dtype=torch.float32)
+                    as_captured, _ = adam_by_hand(
+                        before, got, state, lr=1e-2, corrections_dtype=torch.float32
+                    )
                     row[stage + ": update vs float32 corrections"] = relative_difference(
                         dict(params), as_captured
                     )
@@ -105,11 +107,12 @@ def graph_bisection(device) -> list[dict]:
 
 def adam_by_hand(
     phi: dict, gradient: dict, state: dict, lr: float, betas=(0.9, 0.999), eps=1e-8, corrections_dtype=None
-) -> dict:
+) -> tuple[dict, dict]:
     """One Adam step from ``state`` (exp_avg, exp_avg_sq, step), written out: the reference for
-    the update a captured step applies. The bias corrections 1 − β^t are computed in float64
-    (as eager Adam does, in Python floats) unless ``corrections_dtype`` says otherwise."""
-    stepped = {}
+    the update a captured step applies. Returns the new φ and the new state. The bias corrections
+    1 − β^t are computed in float64 (as eager Adam does, in Python floats) unless
+    ``corrections_dtype`` says otherwise."""
+    stepped, new_state = {}, {}
     for k, g in gradient.items():
         m = betas[0] * state[k]["exp_avg"] + (1 - betas[0]) * g
         v = betas[1] * state[k]["exp_avg_sq"] + (1 - betas[1]) * g * g
@@ -117,7 +120,8 @@ def adam_by_hand(
         dtype = corrections_dtype or torch.float64
         c1, c2 = (float(1 - torch.tensor(beta, dtype=dtype) ** t) for beta in betas)
         stepped[k] = phi[k] - lr * (m / c1) / ((v / c2).sqrt() + eps)
-    return stepped
+        new_state[k] = {"exp_avg": m, "exp_avg_sq": v, "step": t}
+    return stepped, new_state
 
 
 def compiled_agreement(device, names=("maml",), modes=None) -> list[dict]:

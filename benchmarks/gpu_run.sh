@@ -26,8 +26,9 @@ part() {  # part SECONDS NAME COMMAND...: run COMMAND for at most SECONDS (less 
 #    apart), and bfloat16 autocast as a precision experiment.
 part 240 speed_maml_l1 python3 benchmarks/meta_step_speed.py --device cuda --algorithms maml --steps 1 \
   --paths loop higher vmap vmap-bf16 graph compile compile-graphs --out "$out/meta_step_speed_gpu_maml_l1.json"
-# 2. Where the hand-captured CUDA graph goes wrong, the float64 agreement of every path, and
-#    float32 accuracy with TF32 on and off (no compilation: about a minute).
+# 2. The hand-captured CUDA graph replay by replay (its Adam update against Adam written out with
+#    float32 bias corrections), the float64 agreement of every path (the graph judged with SGD),
+#    and float32 accuracy with TF32 on and off (no compilation: about a minute).
 part 150 check_gpu python3 benchmarks/check_gpu.py --sections bisection float64 float32 --out "$out/check_gpu.json"
 # 3. iMAML's memory claim: L = 1 to 100 (MAML runs out of memory before L = 100 at meta-batch 32).
 part 90 memory python3 benchmarks/memory_vs_steps.py --device cuda --out "$out/memory_vs_steps_gpu.json"
