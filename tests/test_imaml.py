@@ -138,19 +138,39 @@ def test_cg_reports_an_indefinite_system():
     assert float(result.relative_residual) > 1e-3  # did not pretend to converge
 
 
-def test_hessian_vector_product_matches_the_hessian(generator):
-    def f(params):
-        w = params["w"]
-        return (w**4).sum() + w[0] * w[1] * w[2]
+def quartic_with_coupling(params):
+    """f(w) = Σ w⁴ + w₀w₁w₂, whose gradient and Hessian are written out below."""
+    w = params["w"]
+    return (w**4).sum() + w[0] * w[1] * w[2]
 
-    w = torch.randn(3, generator=generator, dtype=torch.float64)
-    v = torch.randn(3, generator=generator, dtype=torch.float64)
+
+def quartic_gradient_and_hessian(w):
+    gradient = 4 * w**3 + torch.stack([w[1] * w[2], w[0] * w[2], w[0] * w[1]])
     hessian = torch.diag(12 * w**2)
     hessian[0, 1] = hessian[1, 0] = w[2]
     hessian[0, 2] = hessian[2, 0] = w[1]
     hessian[1, 2] = hessian[2, 1] = w[0]
-    hv = gbml.hessian_vector_product(f, {"w": w}, {"w": v})["w"]
+    return gradient, hessian
+
+
+def test_hessian_vector_product_matches_the_hessian(generator):
+    w = torch.randn(3, generator=generator, dtype=torch.float64)
+    v = torch.randn(3, generator=generator, dtype=torch.float64)
+    _, hessian = quartic_gradient_and_hessian(w)
+    hv = gbml.hessian_vector_product(quartic_with_coupling, {"w": w}, {"w": v})["w"]
     assert relative_error(hv, hessian @ v) < 1e-14
+
+
+def test_one_linearisation_gives_the_gradient_and_repeated_hessian_products(generator):
+    from gbml.cg import gradient_and_hessian_product
+
+    w = torch.randn(3, generator=generator, dtype=torch.float64)
+    gradient, hessian = quartic_gradient_and_hessian(w)
+    got_gradient, hessian_times = gradient_and_hessian_product(quartic_with_coupling, {"w": w})
+    assert relative_error(got_gradient["w"], gradient) < 1e-14
+    for _ in range(3):  # conjugate gradient calls it again and again at the same point
+        v = torch.randn(3, generator=generator, dtype=torch.float64)
+        assert relative_error(hessian_times({"w": v})["w"], hessian @ v) < 1e-14
 
 
 def test_unconverged_cg_raises_or_warns(generator):

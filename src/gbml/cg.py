@@ -90,7 +90,25 @@ def hessian_vector_product(f: Callable[[Params], Tensor], params: Params, v: Par
     (about three gradients' worth of matrix products, counted on the sinusoid MLP). (Forward over
     reverse, ``jvp(grad(f))``, would be cheaper but fails with "ZeroTensors are immutable" for
     some models on torch 2.14, e.g. a bias-free ``nn.Linear`` under mean squared error.)
+    For several products at the same point use :func:`gradient_and_hessian_product`.
     """
-    _, vjp_fn = vjp(grad(f), params)
-    (hv,) = vjp_fn(v)
-    return hv
+    _, hessian_times = gradient_and_hessian_product(f, params)
+    return hessian_times(v)
+
+
+def gradient_and_hessian_product(
+    f: Callable[[Params], Tensor], params: Params
+) -> tuple[Params, Callable[[Params], Params]]:
+    """∇f(params), and the function v ↦ ∇²f(params) · v.
+
+    The gradient is computed once, with its graph kept; each product is then one backward pass
+    through it, instead of a new forward and backward pass per product as in
+    :func:`hessian_vector_product`. Conjugate gradient makes several products at one point.
+    """
+    gradient, vjp_fn = vjp(grad(f), params)
+
+    def hessian_times(v: Params) -> Params:
+        (hv,) = vjp_fn(v)
+        return hv
+
+    return gradient, hessian_times

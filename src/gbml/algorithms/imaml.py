@@ -21,13 +21,13 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value
+from torch.func import grad_and_value
 
 from gbml.adapt import LossFn, check_learning_rate, check_steps, proximal_task_adapt
 from gbml.algorithms.base import MetaAlgorithm, TaskInfo
-from gbml.cg import conjugate_gradient, hessian_vector_product
+from gbml.cg import conjugate_gradient, gradient_and_hessian_product
 from gbml.errors import ConvergenceError
-from gbml.params import Params, flatten, squared_distance, unflatten
+from gbml.params import Params, flatten, unflatten
 from gbml.tasks import Task
 
 
@@ -74,18 +74,19 @@ class IMAML(MetaAlgorithm):
         )
         query_gradient, query_loss = grad_and_value(loss)(theta, *task.query)
 
-        def train_loss(theta: Params) -> Tensor:
-            return loss(theta, *task.support)
+        # H = ∇²ℓ_train(θ_t) is applied cg_steps + 1 times at the same θ_t: linearise ∇ℓ_train once.
+        train_gradient, hessian_times = gradient_and_hessian_product(lambda t: loss(t, *task.support), theta)
 
         def system_matrix_times(v: Tensor) -> Tensor:  # ((1 + δ) I + H/λ) v
-            hv = hessian_vector_product(train_loss, theta, unflatten(v, theta))
+            hv = hessian_times(unflatten(v, theta))
             return (1.0 + self.damping) * v + flatten(hv) / self.lam
 
         cg = conjugate_gradient(
             system_matrix_times, flatten(query_gradient), max_iter=self.cg_steps, tol=self.cg_tol
         )
-        # How far θ_t is from the proximal minimum: the implicit gradient assumes it is zero.
-        inner_gradient = grad(lambda t: train_loss(t) + 0.5 * self.lam * squared_distance(t, phi))(theta)
+        # How far θ_t is from the proximal minimum (the implicit gradient assumes it is there):
+        # the proximal objective's gradient, ∇ℓ_train(θ_t) + λ(θ_t − φ).
+        inner_gradient = {k: train_gradient[k] + self.lam * (theta[k] - phi[k]) for k in theta}
         info = {
             "query_loss": query_loss,
             "cg_relative_residual": cg.relative_residual,
