@@ -266,10 +266,14 @@ def main() -> None:
     for caption, results in gpu_speed:
         parts.append(f"### GPU, {caption}: {machine_line(results['machine'])}\n")
         parts.append(speed_tables(results, skip_algorithms=("imaml",)))
-    for batch in (4, 32):
-        cpu = load(f"meta_step_speed_cpu_mb{batch}.json")
+    for name, caption in (
+        ("meta_step_speed_cpu_mb4.json", "CPU, meta-batch 4"),
+        ("meta_step_speed_cpu_mb4_others.json", "CPU, meta-batch 4, the other algorithms"),
+        ("meta_step_speed_cpu_mb32.json", "CPU, meta-batch 32"),
+    ):
+        cpu = load(name)
         if cpu:
-            parts.append(f"### CPU, meta-batch {batch}: {machine_line(cpu['machine'])}\n")
+            parts.append(f"### {caption}: {machine_line(cpu['machine'])}\n")
             parts.append(speed_tables(cpu))
     if check:
         parts.append(f"### Agreement on the GPU: {machine_line(check['machine'])}\n")
