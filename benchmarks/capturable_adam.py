@@ -25,33 +25,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gbml
-from benchmarks.check_gpu import EXACT, adam_by_hand
+from benchmarks.check_gpu import EXACT, SMALL, adam_by_hand, three_new_batches
 from benchmarks.common import (
     ALGORITHM_NAMES,
-    Setting,
     machine_description,
     make_model,
-    make_tasks,
     write_json,
 )
 from benchmarks.meta_step_speed import relative_difference
 
-SETTING = Setting(meta_batch=4, hidden=8)  # the float64 section of check_gpu.py
 LR = 1e-2
 
 
-def adam_run(algorithm, corrections_dtype, lr=LR, steps=3):
+def adam_run(algorithm, corrections_dtype, lr=LR):
     """Three meta-steps from the same φ on the same batches as check_gpu.py's float64 section,
     with Adam written out; returns the meta-gradients and the final φ."""
-    model, loss = make_model(SETTING, torch.device("cpu"), torch.float64)
+    model, loss = make_model(SMALL, torch.device("cpu"), torch.float64)
     params = gbml.parameters_of(model)
     state = {
         k: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": 0}
         for k, p in params.items()
     }
     gradients = []
-    for seed in range(steps):
-        batch = make_tasks(SETTING, torch.device("cpu"), torch.float64, seed=10 + seed)
+    for batch in three_new_batches(torch.device("cpu")):
         delta, _ = gbml.meta_gradient(algorithm, loss, params, batch, batched=False)
         stepped, state = adam_by_hand(params, delta, state, lr, corrections_dtype=corrections_dtype)
         params = {k: v.detach() for k, v in stepped.items()}

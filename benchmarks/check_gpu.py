@@ -43,6 +43,15 @@ from benchmarks.meta_step_speed import relative_difference
 from gbml.compiled import CompiledMetaStep
 from gbml.graphs import GraphedMetaStep
 
+SMALL = Setting(meta_batch=4, hidden=8)  # the float64 checks' conv net (8 filters) and batch size
+
+
+def three_new_batches(device) -> list[gbml.Task]:
+    """The batches of the float64 section's three-step comparisons (benchmarks/capturable_adam.py
+    reruns them on the CPU)."""
+    return [make_tasks(SMALL, device, torch.float64, seed=10 + s) for s in range(3)]
+
+
 EXACT = {  # small enough for float64, λ large enough that CG converges at a random initialisation
     "maml": gbml.MAML(inner_lr=0.1, inner_steps=2),
     "fomaml": gbml.FOMAML(inner_lr=0.1, inner_steps=2),
@@ -55,12 +64,11 @@ def graph_bisection(device) -> list[dict]:
     """Relative differences between each replay of the captured step and the eager vmap path at
     the same φ, step by step (agreement is ~1e-15 in float64)."""
     rows = []
-    setting = Setting(meta_batch=4, hidden=8)
-    capture_batch, new_batch = (make_tasks(setting, device, torch.float64, seed=s) for s in (1, 2))
+    capture_batch, new_batch = (make_tasks(SMALL, device, torch.float64, seed=s) for s in (1, 2))
     for name in ("maml", "fomaml"):
         for optimizer_name in ("adam", "sgd"):
             algorithm = EXACT[name]
-            model, loss = make_model(setting, device, torch.float64)
+            model, loss = make_model(SMALL, device, torch.float64)
             params = gbml.parameters_of(model)
             if optimizer_name == "adam":
                 optimizer = torch.optim.Adam(params.values(), lr=1e-2, capturable=device.type == "cuda")
@@ -128,8 +136,7 @@ def compiled_agreement(device, names=("maml",), modes=None) -> list[dict]:
     """CompiledMetaStep against gbml.meta_step's loop over three steps (SGD with momentum: Adam
     would turn rounding noise in gradients that are exactly zero into 1e-10 steps)."""
     rows = []
-    setting = Setting(meta_batch=4, hidden=8)
-    batches = [make_tasks(setting, device, torch.float64, seed=20 + s) for s in range(3)]
+    batches = [make_tasks(SMALL, device, torch.float64, seed=20 + s) for s in range(3)]
     if modes is None:
         modes = ("default", "reduce-overhead") if device.type == "cuda" else ("default",)
     # MAML only by default: each compilation takes a minute or more, and the CPU test suite
@@ -140,10 +147,10 @@ def compiled_agreement(device, names=("maml",), modes=None) -> list[dict]:
         if name == "imaml":
             algorithm = dataclasses.replace(algorithm, cg_steps=5, on_cg_failure="warn")
         for mode in modes:
-            model_l, loss_l = make_model(setting, device, torch.float64)
+            model_l, loss_l = make_model(SMALL, device, torch.float64)
             params_l = gbml.parameters_of(model_l)
             sgd_l = torch.optim.SGD(params_l.values(), lr=0.1, momentum=0.9)
-            model_c, loss_c = make_model(setting, device, torch.float64)
+            model_c, loss_c = make_model(SMALL, device, torch.float64)
             params_c = gbml.parameters_of(model_c)
             sgd_c = torch.optim.SGD(params_c.values(), lr=0.1, momentum=0.9)
             compiled = CompiledMetaStep(algorithm, loss_c, params_c, sgd_c, mode=mode)
@@ -169,10 +176,9 @@ def graph_against_loop(algorithm, device, tasks, optimizer_name: str) -> tuple[f
     """Three steps of the graphed step and of the loop from the same φ on new batches: the worst
     meta-gradient difference and the difference in φ after them. Adam is captured as PyTorch's
     capturable Adam (float32 bias corrections, see gbml.graphs); SGD with momentum is exact."""
-    setting = Setting(meta_batch=4, hidden=8)
 
     def setup(capturable: bool):
-        model, loss = make_model(setting, device, torch.float64)
+        model, loss = make_model(SMALL, device, torch.float64)
         params = gbml.parameters_of(model)
         if optimizer_name == "adam":
             return params, loss, torch.optim.Adam(params.values(), lr=1e-2, capturable=capturable)
@@ -183,8 +189,7 @@ def graph_against_loop(algorithm, device, tasks, optimizer_name: str) -> tuple[f
     graphed = GraphedMetaStep(algorithm, loss_g, params_g, optimizer_g, tasks, capture=capture)
     params_l, loss_l, optimizer_l = setup(capturable=False)
     worst = 0.0
-    for seed in range(3):
-        batch = make_tasks(setting, device, torch.float64, seed=10 + seed)
+    for batch in three_new_batches(device):
         expected = gbml.meta_step(algorithm, loss_l, params_l, batch, optimizer_l, batched=False)
         worst = max(worst, relative_difference(graphed(batch).meta_gradient, expected.meta_gradient))
     return worst, relative_difference(dict(params_g), dict(params_l))
@@ -192,11 +197,10 @@ def graph_against_loop(algorithm, device, tasks, optimizer_name: str) -> tuple[f
 
 def float64_agreement(device) -> list[dict]:
     rows = []
-    setting = Setting(meta_batch=4, hidden=8)
     for name in ALGORITHM_NAMES:
         algorithm = EXACT[name]
-        tasks = make_tasks(setting, device, torch.float64, seed=1)
-        model, loss = make_model(setting, device, torch.float64)
+        tasks = make_tasks(SMALL, device, torch.float64, seed=1)
+        model, loss = make_model(SMALL, device, torch.float64)
         phi = gbml.parameters_of(model)
         looped, _ = gbml.meta_gradient(algorithm, loss, phi, tasks, batched=False)
         batched, _ = gbml.meta_gradient(algorithm, loss, phi, tasks, batched=True)

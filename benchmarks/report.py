@@ -29,8 +29,8 @@ def gpu_speed_results() -> list[tuple[str, dict]]:
     """The GPU speed tables, newest run first, each with a caption. benchmarks/gpu_run.sh
     writes MAML at L = 1 with every path, then the other rows; where that run did not reach the
     other rows, the earlier run's full table (meta_step_speed_gpu.json) is shown as well."""
-    parts = [load(name) for name in ("meta_step_speed_gpu_maml_l1.json", "meta_step_speed_gpu_rest.json")]
-    parts = [p for p in parts if p]
+    latest, rest = load("meta_step_speed_gpu_maml_l1.json"), load("meta_step_speed_gpu_rest.json")
+    parts = [p for p in (latest, rest) if p]
     tables = []
     if parts:
         merged, seen = dict(parts[0], rows=[]), set()
@@ -42,7 +42,7 @@ def gpu_speed_results() -> list[tuple[str, dict]]:
                     merged["rows"].append(row)
         tables.append(("latest run", merged))
     earlier = load("meta_step_speed_gpu.json")
-    if earlier and not load("meta_step_speed_gpu_rest.json"):
+    if earlier and not rest:
         tables.append(("earlier run, the other algorithms and L = 5", earlier))
     return tables
 
