@@ -4,6 +4,7 @@ with solutions, and a Reproducibility appendix that matches the committed notebo
 import html
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def test_reproducibility_record_never_invents_versions(tmp_path):
         "`2.11.0+cu130`",
         "`2.7.0`",
     )
-    for key in ("numpy", "matplotlib", "gbml", "platform", "cuda_device"):
+    for key in ("numpy", "matplotlib", "gbml", "platform", "cuda_device", "source"):
         assert record[key] == tool.NOT_RECORDED
 
     notebook.metadata["gbml_environment"] = {"numpy": "2.4.6", "cuda_device": None}
@@ -148,3 +149,29 @@ def test_reproducibility_record_never_invents_versions(tmp_path):
     assert record["numpy"] == "`2.4.6`" and record["cuda_device"] == "`none`"
     assert record["python"] == "`3.11.7`" and record["torch"] == "`2.11.0+cu130`"
     assert record["gbml"] == tool.NOT_RECORDED  # a key missing from the stamp is not made up either
+
+
+def test_source_revision_names_the_commit_and_flags_uncommitted_source(tmp_path, monkeypatch):
+    tool = load_tool("notebooks")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text("x = 1\n")
+    (tmp_path / "notes.md").write_text("a\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    monkeypatch.setattr(tool, "ROOT", tmp_path)
+
+    assert tool.source_revision() == commit
+    (tmp_path / "notes.md").write_text("b\n")  # outside src/: not the code a chapter runs
+    assert tool.source_revision() == commit
+    (tmp_path / "src" / "m.py").write_text("x = 2\n")
+    assert tool.source_revision() == f"{commit} + uncommitted changes to src/"
+    monkeypatch.setattr(tool, "ROOT", tmp_path / "src" / "missing")  # not a checkout at all
+    assert tool.source_revision() is None

@@ -8,9 +8,10 @@
 ``run`` executes each chapter with papermill in the repository root, with ``-p device auto`` (the
 first CUDA GPU, else the CPU) and the full run sizes (``SMOKE_TEST=0``), then records the versions
 of the kernel's Python, torch, NumPy, Matplotlib, gbml, papermill, the platform and the CUDA
-device in the notebook's ``metadata.gbml_environment``, runs ``ruff format`` on it, and
-regenerates the tables. A chapter that fails is not written over its committed version; its
-partial output is kept in a temporary folder and named at the end.
+device, and the commit of the code (``source``), in the notebook's
+``metadata.gbml_environment``, runs ``ruff format`` on it, and regenerates the tables. A chapter
+that fails is not written over its committed version; its partial output is kept in a temporary
+folder and named at the end.
 
 ``page`` reads the committed notebooks only: the device from the chapter's ``Outputs produced on
 ...`` line, the date, run time and injected parameters from papermill's metadata, and the
@@ -49,6 +50,7 @@ VERSIONS = {  # gbml_environment key: column title
     "papermill": "papermill",
     "platform": "platform",
     "cuda_device": "CUDA device",
+    "source": "gbml source",
 }
 
 # Run with the kernel's Python after a chapter has executed: the versions the chapter ran with.
@@ -242,6 +244,21 @@ def kernel_environment(kernel_name: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def source_revision() -> str | None:
+    """The commit checked out, and whether ``src/`` differs from it: the code a run executes."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=ROOT)
+        return result.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        changes = git("status", "--porcelain", "--", "src")
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        return None
+    return f"{commit} + uncommitted changes to src/" if changes else commit
+
+
 def ruff_format(paths: list[Path]) -> None:
     """Format notebooks the way the repository's `ruff format --check` expects them."""
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
@@ -271,6 +288,7 @@ def run(names: list[str], device: str, extra: list[list[str]], out: Path | None,
     paths = [find_chapter(name) for name in names] or chapters()
     failed_dir = Path(tempfile.mkdtemp(prefix="gbml-notebooks-"))
     failures = []
+    revision = source_revision()  # read before running: a chapter takes minutes to hours
     for path in paths:
         source = path.relative_to(ROOT)
         target = (out / path.name) if out else path
@@ -287,6 +305,7 @@ def run(names: list[str], device: str, extra: list[list[str]], out: Path | None,
         notebook.metadata.papermill["output_path"] = str(target.relative_to(ROOT) if not out else target)
         environment = kernel_environment(kernel)
         environment["papermill"] = papermill.__version__
+        environment["source"] = revision
         notebook.metadata["gbml_environment"] = environment
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(notebook, target)
