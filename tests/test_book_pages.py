@@ -167,6 +167,7 @@ def test_source_revision_names_the_commit_and_flags_uncommitted_source(tmp_path,
         ["git", "rev-parse", "--short=12", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout.strip()
     monkeypatch.setattr(tool, "ROOT", tmp_path)
+    monkeypatch.delenv("GBML_SOURCE_REVISION", raising=False)
 
     assert tool.source_revision() == commit
     (tmp_path / "notes.md").write_text("b\n")  # outside src/: not the code a chapter runs
@@ -175,3 +176,5 @@ def test_source_revision_names_the_commit_and_flags_uncommitted_source(tmp_path,
     assert tool.source_revision() == f"{commit} + uncommitted changes to src/"
     monkeypatch.setattr(tool, "ROOT", tmp_path / "src" / "missing")  # not a checkout at all
     assert tool.source_revision() is None
+    monkeypatch.setenv("GBML_SOURCE_REVISION", "abc123def456")  # a copy told its commit
+    assert tool.source_revision() == "abc123def456"

@@ -245,7 +245,13 @@ def kernel_environment(kernel_name: str) -> dict:
 
 
 def source_revision() -> str | None:
-    """The commit checked out, and whether ``src/`` differs from it: the code a run executes."""
+    """The commit checked out, and whether ``src/`` differs from it: the code a run executes.
+
+    A copy of the tree without its git history (the lent GPU machine gets one) is told the commit
+    by the environment variable ``GBML_SOURCE_REVISION``, set where the history is.
+    """
+    if os.environ.get("GBML_SOURCE_REVISION"):
+        return os.environ["GBML_SOURCE_REVISION"]
 
     def git(*args: str) -> str:
         result = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=ROOT)
