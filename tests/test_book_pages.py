@@ -155,7 +155,7 @@ def test_source_revision_names_the_commit_and_flags_uncommitted_source(tmp_path,
     tool = load_tool("notebooks")
 
     def git(*args):
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
 
     git("init", "-q")
     (tmp_path / "src").mkdir()
@@ -163,9 +163,7 @@ def test_source_revision_names_the_commit_and_flags_uncommitted_source(tmp_path,
     (tmp_path / "notes.md").write_text("a\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short=12", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    commit = git("rev-parse", "--short=12", "HEAD").strip()
     monkeypatch.setattr(tool, "ROOT", tmp_path)
     monkeypatch.delenv("GBML_SOURCE_REVISION", raising=False)
 
