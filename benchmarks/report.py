@@ -84,6 +84,10 @@ def speed_tables(results: dict, *, skip_algorithms=()) -> str:
 
 def check_table(check: dict) -> str:
     """The agreement checks of benchmarks/check_gpu.py, as far as the run got."""
+
+    def cell(row, key):  # a check cut short by the time limit leaves some keys out
+        return f"{row[key]:.1e}" if key in row else "–"
+
     text = ""
     if check.get("bisection"):
         rows = []
@@ -97,8 +101,8 @@ def check_table(check: dict) -> str:
                         stage,
                         "–" if count is None else f"{count:.0f}",
                         f"{r[stage]:.1e}",
-                        f"{r[f'{stage}: update']:.1e}" if f"{stage}: update" in r else "–",
-                        f"{r[key]:.1e}" if (key := f"{stage}: update vs float32 corrections") in r else "–",
+                        cell(r, f"{stage}: update"),
+                        cell(r, f"{stage}: update vs float32 corrections"),
                     ]
                 )
         text += (
@@ -123,10 +127,6 @@ def check_table(check: dict) -> str:
             "graph vs loop, Adam (φ after 3 steps)",
             "graph vs loop, SGD (meta-gradient, 3 steps)",
         ]
-
-        def cell(row, key):
-            return f"{row[key]:.1e}" if key in row else "–"
-
         rows = [
             [
                 r["algorithm"],
