@@ -46,10 +46,10 @@ from gbml.graphs import GraphedMetaStep
 SMALL = Setting(meta_batch=4, hidden=8)  # the float64 checks' conv net (8 filters) and batch size
 
 
-def three_new_batches(device) -> list[gbml.Task]:
-    """The batches of the float64 section's three-step comparisons (benchmarks/capturable_adam.py
-    reruns them on the CPU)."""
-    return [make_tasks(SMALL, device, torch.float64, seed=10 + s) for s in range(3)]
+def three_new_batches(device, first_seed: int = 10) -> list[gbml.Task]:
+    """The batches of the three-step comparisons: seeds 10 to 12 for the float64 section (which
+    benchmarks/capturable_adam.py reruns on the CPU), 20 to 22 for the compiled section."""
+    return [make_tasks(SMALL, device, torch.float64, seed=first_seed + s) for s in range(3)]
 
 
 EXACT = {  # small enough for float64, λ large enough that CG converges at a random initialisation
@@ -136,7 +136,7 @@ def compiled_agreement(device, names=("maml",), modes=None) -> list[dict]:
     """CompiledMetaStep against gbml.meta_step's loop over three steps (SGD with momentum: Adam
     would turn rounding noise in gradients that are exactly zero into 1e-10 steps)."""
     rows = []
-    batches = [make_tasks(SMALL, device, torch.float64, seed=20 + s) for s in range(3)]
+    batches = three_new_batches(device, first_seed=20)
     if modes is None:
         modes = ("default", "reduce-overhead") if device.type == "cuda" else ("default",)
     # MAML only by default: each compilation takes a minute or more, and the CPU test suite
