@@ -12,26 +12,29 @@ from reference import clone_params, relative_error
 from test_batched import ALGORITHMS
 
 
-def test_unfold_convolution_equals_the_native_one(generator):
-    native = nn.Conv2d(3, 5, 3, padding=1).double()
-    unfold = gbml.UnfoldConv2d(3, 5, 3, padding=1).double()
+@pytest.mark.parametrize("stride", [1, 2])
+def test_unfold_convolution_equals_the_native_one(stride, generator):
+    native = nn.Conv2d(3, 5, 3, padding=1, stride=stride).double()
+    unfold = gbml.UnfoldConv2d(3, 5, 3, padding=1, stride=stride).double()
     unfold.load_state_dict(native.state_dict())
     x = torch.randn(4, 3, 9, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert unfold(x).shape == native(x).shape
     assert relative_error(unfold(x), native(x)) < 1e-13
     (grad_unfold,) = torch.autograd.grad(unfold(x).square().sum(), x)
     (grad_native,) = torch.autograd.grad(native(x).square().sum(), x)
     assert relative_error(grad_unfold, grad_native) < 1e-13
-    with pytest.raises(ValueError, match="stride 1"):
-        gbml.UnfoldConv2d(3, 5, 3, stride=2)
+    with pytest.raises(ValueError, match="dilation 1"):
+        gbml.UnfoldConv2d(3, 5, 3, dilation=2)
     with pytest.raises(ValueError, match="conv must be 'native' or 'unfold'"):
         gbml.ConvNet(ways=5, conv="winograd")
 
 
+@pytest.mark.parametrize("downsample", ["max_pool", "stride"])
 @pytest.mark.parametrize("name", ["maml", "imaml"])
-def test_unfold_conv_net_gives_the_same_meta_gradient(name, generator):
+def test_unfold_conv_net_gives_the_same_meta_gradient(name, downsample, generator):
     torch.manual_seed(0)
-    native = gbml.ConvNet(ways=3, hidden=8).double()
-    unfold = gbml.ConvNet(ways=3, hidden=8, conv="unfold").double()
+    native = gbml.ConvNet(ways=3, hidden=8, downsample=downsample).double()
+    unfold = gbml.ConvNet(ways=3, hidden=8, conv="unfold", downsample=downsample).double()
     unfold.load_state_dict(native.state_dict())
     tasks = make_classification_task(generator, num_tasks=3)
     phi = clone_params(native)
@@ -105,3 +108,16 @@ def test_graph_capture_needs_a_gpu(generator):
     loss = gbml.make_loss(model, F.cross_entropy)
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedMetaStep(gbml.MAML(0.1), loss, params, adam, tasks, capture=True)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "imaml"])
+def test_finn_net_batched_meta_gradient_equals_the_loop(name, generator):
+    """The book's Omniglot network (strided, β-only batch norm) under vmap against the loop."""
+    torch.manual_seed(0)
+    model = gbml.finn_omniglot_net(ways=3, hidden=8).double()
+    loss = gbml.make_loss(model, F.cross_entropy)
+    tasks = make_classification_task(generator, num_tasks=3)
+    phi = clone_params(model)
+    looped, _ = gbml.meta_gradient(ALGORITHMS[name], loss, phi, tasks, batched=False)
+    batched, _ = gbml.meta_gradient(ALGORITHMS[name], loss, phi, tasks, batched=True)
+    assert relative_error(batched, looped) < 1e-10

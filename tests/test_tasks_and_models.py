@@ -72,3 +72,47 @@ def test_sinusoid_mlp_is_1_40_40_1():
     shapes = [tuple(p.shape) for p in model.parameters()]
     assert shapes == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
     assert model(torch.zeros(3, 1)).shape == (3, 1)
+
+
+def test_finn_omniglot_net_is_the_reference_architecture():
+    """Finn et al.'s Omniglot net: stride-2 convolutions, batch norm with β only, a spatial mean,
+    a 64 → N head; Xavier-uniform convolutions, zero biases, N(0, 1) head weights."""
+    torch.manual_seed(0)
+    model = gbml.finn_omniglot_net(ways=5)
+    counts = {name: p.numel() for name, p in model.named_parameters()}
+    # convolutions 1·64·9+64 and 3 × (64·64·9+64); batch norm shifts 4 × 64; head 64·5+5.
+    assert sum(counts.values()) == (64 * 9 + 64) + 3 * (64 * 64 * 9 + 64) + 4 * 64 + (64 * 5 + 5)
+    sides = []
+    x = torch.rand(7, 1, 28, 28)
+    for module in model.features:
+        x = module(x)
+        if isinstance(module, torch.nn.Conv2d):
+            sides.append(x.shape[-1])
+    assert sides == [14, 7, 4, 2]
+    assert model(torch.rand(7, 1, 28, 28)).shape == (7, 5)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    weights = [conv.weight.detach() for conv in convs]
+    for conv, weight in zip(convs, weights):
+        fan_in, fan_out = conv.weight[0].numel(), conv.weight.shape[0] * 9
+        bound = math.sqrt(6 / (fan_in + fan_out))  # Glorot-uniform
+        assert float(weight.abs().max()) <= bound
+        assert abs(float(weight.std()) - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3)
+        assert float(conv.bias.detach().abs().max()) == 0.0
+    assert abs(float(model.head.weight.detach().std()) - 1.0) < 0.25
+    norms = [m for m in model.features if isinstance(m, gbml.CompositeBatchNorm2d)]
+    assert len(norms) == 4 and all(m.weight is None and m.eps == 1e-3 for m in norms)
+
+
+def test_reference_inner_lr_is_n_times_alpha():
+    """The reference code's inner gradient is ∇ Σ_i CE_i / K = N ∇ mean CE over N·K examples."""
+    from gbml.training import reference_inner_lr
+
+    generator = torch.Generator().manual_seed(0)
+    ways, shots = 5, 2
+    logits = torch.randn(ways * shots, ways, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.arange(ways * shots) % ways
+    per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    (reference,) = torch.autograd.grad((per_example / shots).sum(), logits, retain_graph=True)
+    (mean,) = torch.autograd.grad(per_example.mean(), logits)
+    alpha = 0.4
+    assert torch.allclose(alpha * reference, reference_inner_lr(alpha, ways) * mean, rtol=1e-14, atol=0)

@@ -10,7 +10,7 @@ from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
 from gbml.cg import CGResult, conjugate_gradient, hessian_vector_product
 from gbml.errors import ConvergenceError, CorruptDataError, DivergenceError, MissingDataError
 from gbml.meta import MetaStepResult, choose_batched, meta_gradient, meta_step
-from gbml.models import CompositeBatchNorm2d, ConvNet, SinusoidMLP, UnfoldConv2d, make_loss
+from gbml.models import CompositeBatchNorm2d, ConvNet, SinusoidMLP, UnfoldConv2d, finn_omniglot_net, make_loss
 from gbml.omniglot import OmniglotTasks, load_omniglot
 from gbml.params import Params, parameters_of
 from gbml.tasks import LinearRegressionTasks, SinusoidTasks, Task, TaskFamily, stack_tasks
@@ -42,6 +42,7 @@ __all__ = [
     "UnfoldConv2d",
     "choose_batched",
     "conjugate_gradient",
+    "finn_omniglot_net",
     "hessian_vector_product",
     "load_omniglot",
     "make_loss",

@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         "validate_every": "meta-iterations between validations (and checkpoints)",
         "validation_tasks": "tasks per validation",
         "batched": "vmap over tasks: auto, true, false, or compile (vmap through torch.compile)",
+        "network": "Omniglot network: stride (Finn et al.'s Omniglot net, default) or max_pool",
     }
     for f in fields(TrainConfig):
         if f.name in ("algorithm", "dataset"):
