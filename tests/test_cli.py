@@ -54,7 +54,16 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert resumed["iteration"] == straight["iteration"] == 30
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
-    assert resumed["history"]["val"] == straight["history"]["val"]
+
+    def without_times(entries):  # wall times differ between runs; everything else must not
+        return [{k: v for k, v in entry.items() if k != "elapsed_s"} for entry in entries]
+
+    assert without_times(resumed["history"]["val"]) == without_times(straight["history"]["val"])
+    sessions = resumed["history"]["sessions"]
+    assert [(s["from_iteration"], s["to_iteration"]) for s in sessions] == [(0, 20), (20, 30)]
+    assert all(s["machine"].startswith("CPU") and s["torch"] == torch.__version__ for s in sessions)
+    elapsed = [v["elapsed_s"] for v in resumed["history"]["val"]]
+    assert elapsed == sorted(elapsed) and elapsed[-1] >= sum(s["elapsed_s"] for s in sessions) - 0.2
 
     other = TrainConfig(dataset="sinusoid", iterations=30, validate_every=10, validation_tasks=20, seed=4)
     with pytest.raises(ValueError, match="other options"):
@@ -125,3 +134,28 @@ def test_confidence_interval():
     mean, ci = mean_and_ci95(values)
     sample_std = (sum((v - 2.5) ** 2 for v in (1.0, 2.0, 3.0, 4.0)) / 3) ** 0.5
     assert mean == 2.5 and ci == pytest.approx(1.96 * sample_std / 2)
+
+
+def test_export_writes_final_parameters_and_a_run_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out), "--no-progress", "--test-tasks", "0"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["iterations"] == 30 and printed["tasks_seen"] == 30 * TrainConfig().meta_batch
+    final = torch.load(out / "final.pt", weights_only=True)  # tensors and plain data only
+    assert set(final) == {"config", "iteration", "model"}  # no optimizer state
+    summary = json.loads((out / "run.json").read_text())
+    assert [v["iteration"] for v in summary["train"]] == [10, 20, 30]
+    losses = [r["query_loss"] for r in torch.load(out / "last.pt", weights_only=False)["history"]["train"]]
+    assert summary["train"][1]["query_loss"] == pytest.approx(sum(losses[10:20]) / 10, rel=1e-12)
+    assert summary["command"].startswith("python -m gbml train --algorithm maml --dataset sinusoid")
+    assert summary["command"].endswith(f"--out {out} --resume")
+    # final.pt loads with the public loader and evaluates exactly like the checkpoint it came from
+    results = []
+    for name in ("last.pt", "final.pt"):
+        config, problem, phi = training.load_checkpoint(out / name, "cpu")
+        results.append(training.evaluate(config, phi, problem, num_tasks=40, seed=5))
+    assert results[0] == results[1]
+    with pytest.raises(FileNotFoundError, match="train the run first"):
+        training.export_run(tmp_path / "nothing")

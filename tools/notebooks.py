@@ -36,6 +36,7 @@ import nbformat
 import yaml
 
 from gbml.notebook import parse_run_description
+from gbml.notebook import source_revision as gbml_source_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -245,24 +246,8 @@ def kernel_environment(kernel_name: str) -> dict:
 
 
 def source_revision() -> str | None:
-    """The commit checked out, and whether ``src/`` differs from it: the code a run executes.
-
-    A copy of the tree without its git history (the lent GPU machine gets one) is told the commit
-    by the environment variable ``GBML_SOURCE_REVISION``, set where the history is.
-    """
-    if os.environ.get("GBML_SOURCE_REVISION"):
-        return os.environ["GBML_SOURCE_REVISION"]
-
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=ROOT)
-        return result.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short=12", "HEAD")
-        changes = git("status", "--porcelain", "--", "src")
-    except (OSError, subprocess.CalledProcessError):  # not a git checkout
-        return None
-    return f"{commit} + uncommitted changes to src/" if changes else commit
+    """The commit of the code a chapter runs (see :func:`gbml.notebook.source_revision`)."""
+    return gbml_source_revision(ROOT)
 
 
 def ruff_format(paths: list[Path]) -> None:

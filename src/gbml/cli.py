@@ -3,10 +3,12 @@
 Examples::
 
     python -m gbml train --algorithm maml --dataset sinusoid --iterations 70000 --out runs/sine-maml
-    python -m gbml train --algorithm maml --dataset omniglot --ways 5 --shots 1 --queries 15 \\
-        --inner-steps 1 --inner-lr 0.4 --meta-batch 32 --iterations 60000 --out runs/omni-5w1s
+    python -m gbml train --algorithm maml --dataset omniglot --ways 5 --shots 1 --queries 1 \\
+        --inner-steps 1 --inner-lr 2.0 --eval-inner-steps 3 --meta-batch 32 --iterations 60000 \\
+        --out runs/omni-5w1s     # Finn et al.'s protocol (their α = 0.4 on Σ CE/K is 2.0 here)
     python -m gbml train ... --resume          # continue runs/.../last.pt
-    python -m gbml evaluate --checkpoint runs/omni-5w1s/best.pt --tasks 600
+    python -m gbml export runs/omni-5w1s     # final.pt and run.json, for sharing
+    python -m gbml evaluate --checkpoint runs/omni-5w1s/final.pt --tasks 600
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import sys
 from dataclasses import fields
 
 from gbml.errors import ConvergenceError, DivergenceError
-from gbml.training import ALGORITHMS, DATASETS, TrainConfig, evaluate, load_checkpoint, train
+from gbml.training import (
+    ALGORITHMS,
+    DATASETS,
+    TrainConfig,
+    evaluate,
+    export_run,
+    load_checkpoint,
+    train,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--test-tasks", type=int, default=600, help="meta-test tasks evaluated at the end (0: none)"
     )
+    export = commands.add_parser(
+        "export", help="write final.pt (meta-parameters only) and run.json (curve, provenance) of a run"
+    )
+    export.add_argument("run_dir", help="a folder written by train (holding last.pt)")
     test = commands.add_parser("evaluate", help="mean metric ± 95%% CI over meta-test tasks")
     test.add_argument("--checkpoint", required=True)
     test.add_argument("--tasks", type=int, default=600)
@@ -81,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.test_tasks:
                 _, problem, params = load_checkpoint(f"{args.out}/best.pt", config.device)
                 summary["test"] = evaluate(config, params, problem, num_tasks=args.test_tasks)
+        elif args.command == "export":
+            summary = {k: v for k, v in export_run(args.run_dir).items() if k not in ("val", "train")}
         else:
             config, problem, params = load_checkpoint(args.checkpoint, args.device)
             summary = evaluate(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -60,3 +62,43 @@ def parse_run_description(line: str) -> dict[str, str] | None:
     ``line`` is not one; the reproducibility appendix reads committed notebooks with it."""
     match = _RUN_DESCRIPTION.match(line.strip())
     return match.groupdict() if match else None
+
+
+def machine_description(device: torch.device) -> str:
+    """The processor a run used, e.g. ``"GPU NVIDIA H200"`` or ``"CPU AMD EPYC, 1 thread"``."""
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads()
+    return f"CPU {name}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+SOURCE_REVISION_ENV = "GBML_SOURCE_REVISION"
+
+
+def source_revision(root: str | os.PathLike[str] | None = None) -> str | None:
+    """The commit checked out at ``root`` (default: this package's checkout), flagged when
+    ``src/`` differs from it: the code a run executes. None outside a git checkout.
+
+    A copy of the tree without its git history (the lent GPU machine gets one) is told the commit
+    by the environment variable ``GBML_SOURCE_REVISION``, set where the history is.
+    """
+    if os.environ.get(SOURCE_REVISION_ENV):
+        return os.environ[SOURCE_REVISION_ENV]
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root)
+        return result.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        changes = git("status", "--porcelain", "--", "src")
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        return None
+    return f"{commit} + uncommitted changes to src/" if changes else commit

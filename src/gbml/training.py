@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
 from gbml.compiled import CompiledMetaStep
 from gbml.meta import MetaStepResult, choose_batched, meta_step
 from gbml.models import ConvNet, SinusoidMLP, finn_omniglot_net, make_loss
-from gbml.notebook import resolve_device
+from gbml.notebook import machine_description, resolve_device, source_revision
 from gbml.params import Params, detached, parameters_of
 from gbml.tasks import SinusoidTasks, Task
 
@@ -314,6 +315,17 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
     # Wall time is counted across resumptions: each entry's elapsed_s is the training time so far.
     elapsed_before = history["val"][-1].get("elapsed_s", 0.0) if history["val"] else 0.0
     clock = time.perf_counter()
+    # Each call of train() is a session; its record says what ran it (a run may span machines).
+    session = {
+        "from_iteration": start,
+        "to_iteration": start,
+        "elapsed_s": 0.0,
+        "machine": machine_description(device),
+        "torch": torch.__version__,
+        "source": source_revision(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    history.setdefault("sessions", []).append(session)
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress)
     for iteration in bar:
         tasks = problem.tasks["train"].sample(
@@ -327,6 +339,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
             )
             elapsed = elapsed_before + time.perf_counter() - clock
             history["val"].append({"iteration": iteration + 1, **val, "elapsed_s": round(elapsed, 1)})
+            session.update(to_iteration=iteration + 1, elapsed_s=round(time.perf_counter() - clock, 1))
             bar.set_postfix(
                 query_loss=f"{result.query_loss:.3f}", **{f"val_{val['metric']}": f"{val['mean']:.3f}"}
             )
@@ -352,3 +365,50 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> tuple[TrainConfig
     problem = make_problem(config, target)
     problem.model.load_state_dict(state["model"])
     return config, problem, parameters_of(problem.model)
+
+
+def train_command(config: TrainConfig, out: str | Path) -> str:
+    """The ``python -m gbml train`` command line that runs ``config`` into ``out``."""
+    options = []
+    for f in fields(TrainConfig):
+        value = getattr(config, f.name)
+        if value is not None:
+            options.append(f"--{f.name.replace('_', '-')} {value}")
+    return f"python -m gbml train {' '.join(options)} --out {out}"
+
+
+def export_run(run_dir: str | Path) -> dict[str, Any]:
+    """Write a run's shareable results beside its checkpoints, and return the summary.
+
+    From ``run_dir/last.pt`` this writes ``final.pt`` (the configuration and the final
+    meta-parameters, without optimizer state: what :func:`load_checkpoint` needs) and
+    ``run.json``: the command that continues the run, meta-iterations, tasks seen, wall time,
+    the sessions that trained it (machine, torch, code commit), the validation curve, and the
+    training query loss averaged over each validation period.
+    """
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    if not last.exists():
+        raise FileNotFoundError(f"no checkpoint at {last}: train the run first")
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    config, history, iteration = TrainConfig.from_dict(state["config"]), state["history"], state["iteration"]
+    save_checkpoint(
+        run_dir / "final.pt", {"config": state["config"], "iteration": iteration, "model": state["model"]}
+    )
+    train_losses, bins, start = [v["query_loss"] for v in history["train"]], [], 0
+    for val in history["val"]:
+        window = train_losses[start : val["iteration"]]
+        bins.append({"iteration": val["iteration"], "query_loss": sum(window) / max(len(window), 1)})
+        start = val["iteration"]
+    summary = {
+        "command": train_command(config, run_dir) + " --resume",
+        "config": asdict(config),
+        "iterations": iteration,
+        "tasks_seen": iteration * config.meta_batch,
+        "elapsed_s": history["val"][-1].get("elapsed_s") if history["val"] else None,
+        "sessions": history.get("sessions", []),
+        "val": history["val"],
+        "train": bins,
+    }
+    (run_dir / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
