@@ -19,13 +19,18 @@ ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "imaml")
 
 @dataclass(frozen=True)
 class Setting:
-    """N-way K-shot classification of 28×28×1 images with Q query images per class."""
+    """N-way K-shot classification of 28×28×1 images with Q query images per class.
+
+    ``network="max_pool"`` is ``gbml.ConvNet`` (the miniImageNet-style conv4); ``"stride"`` is
+    Finn et al.'s Omniglot network, ``gbml.finn_omniglot_net`` (about 3.7× fewer FLOPs per image).
+    """
 
     ways: int = 5
     shots: int = 1
     queries: int = 15
     meta_batch: int = 32
     hidden: int = 64
+    network: str = "max_pool"
 
 
 def make_algorithm(name: str, steps: int) -> gbml.MetaAlgorithm:
@@ -52,7 +57,11 @@ def make_algorithm(name: str, steps: int) -> gbml.MetaAlgorithm:
 
 def make_model(setting: Setting, device: torch.device, dtype=torch.float32, conv: str = "native", seed=0):
     torch.manual_seed(seed)
-    model = gbml.ConvNet(ways=setting.ways, hidden=setting.hidden, conv=conv).to(device=device, dtype=dtype)
+    if setting.network == "stride":
+        model = gbml.finn_omniglot_net(ways=setting.ways, hidden=setting.hidden, conv=conv)
+    else:
+        model = gbml.ConvNet(ways=setting.ways, hidden=setting.hidden, conv=conv)
+    model = model.to(device=device, dtype=dtype)
     return model, gbml.make_loss(model, F.cross_entropy)
 
 

@@ -1,9 +1,10 @@
 """Time one meta-iteration of MAML, FO-MAML, Reptile and iMAML along several code paths.
 
-The setting (defaults) is the one the MAML paper's Omniglot experiments imply: 5-way 1-shot,
-28×28×1 images, 15 query images per class, the 4-block conv net with 64 filters, a meta-batch
-of 32 tasks, an Adam outer step. In one process, for each algorithm and number of inner steps L,
-it times:
+The default setting is 5-way 1-shot, 28×28×1 images, 15 query images per class (the
+miniImageNet count; Finn et al.'s Omniglot runs use K per class), the 4-block max-pool conv net
+with 64 filters, a meta-batch of 32 tasks, an Adam outer step. ``--finn`` times Finn et al.'s
+Omniglot protocol instead: their strided network, one query image per class (K = 1).
+In one process, for each algorithm and number of inner steps L, it times:
 
   loop          gbml.meta_step(batched=False): a Python loop over tasks (the usual pattern)
   higher        a loop over tasks with the `higher` library (when installed)
@@ -140,6 +141,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--network", choices=("max_pool", "stride"), default="max_pool")
+    parser.add_argument(
+        "--finn",
+        action="store_true",
+        help="Finn et al.'s Omniglot shape: strided network, K = 1 query per class, L = 1",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     parser.add_argument(
         "--small", action="store_true", help="CPU preset: meta-batch 4, L = 1, MAML and FO-MAML, 5 iterations"
     )
@@ -153,9 +161,13 @@ def main(argv=None) -> dict:
     if args.small:
         args.meta_batch, args.steps, args.iterations, args.warmup = 4, [1], 5, 1
         args.algorithms = ["maml", "fomaml"]
+    if args.finn:
+        args.network, args.queries, args.steps = "stride", args.shots, [1]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     configure(device)
-    setting = Setting(args.ways, args.shots, args.queries, args.meta_batch, args.hidden)
+    setting = Setting(args.ways, args.shots, args.queries, args.meta_batch, args.hidden, args.network)
     paths = args.paths or (GPU_PATHS if device.type == "cuda" else CPU_PATHS)
     try:
         import higher  # noqa: F401

@@ -1,0 +1,74 @@
+"""The published Omniglot protocols, as ``gbml`` runs them (the book's Chapter 8).
+
+Each entry is the :class:`~gbml.training.TrainConfig` of one committed run under
+``results/omniglot/<name>/``; ``python -m gbml train`` with :func:`gbml.training.train_command`'s
+options reproduces it. Finn et al.'s settings (MAML and FO-MAML) as their reference code
+(cbfinn/maml) runs them:
+
+* K support and K query images per class, in training and at test;
+* their Omniglot network (``network="stride"``, :func:`gbml.models.finn_omniglot_net`);
+* one inner step of α = 0.4 for 5-way tasks (three at test), five of α = 0.1 for 20-way tasks.
+  The reference loss is Σ_i CE_i / K over the N·K support images, whose gradient is N times that
+  of the mean cross-entropy, so both are ``inner_lr`` = N·α = 2.0 on gbml's mean loss;
+* meta-batches of 32 tasks (16 for 20-way), Adam with step size 10⁻³, 60,000 meta-iterations.
+
+Every run batches its tasks with ``vmap`` (``batched="true"``): on the 2-core CPU it is about
+twice as fast as the per-task loop at this shape (``benchmarks/omniglot_cpu.py``), and on GPUs it
+is the fast path. Validation: 200 tasks of the 100 validation characters every 250 iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gbml.training import TrainConfig, reference_inner_lr
+
+#: The paper budget of every run; a committed run may have stopped earlier (its run.json says).
+PAPER_ITERATIONS = 60_000
+
+
+def finn_protocol(algorithm: str, ways: int, shots: int) -> TrainConfig:
+    """Finn et al.'s Omniglot protocol for ``algorithm`` ("maml" or "fomaml")."""
+    if algorithm not in ("maml", "fomaml"):
+        raise ValueError(f"Finn et al.'s protocol is for maml and fomaml, got {algorithm!r}")
+    if ways not in (5, 20):
+        raise ValueError(f"Finn et al. ran 5-way and 20-way Omniglot, got ways={ways!r}")
+    five_way = ways == 5
+    return TrainConfig(
+        algorithm=algorithm,
+        dataset="omniglot",
+        network="stride",
+        ways=ways,
+        shots=shots,
+        queries=shots,
+        inner_steps=1 if five_way else 5,
+        eval_inner_steps=3 if five_way else 5,
+        inner_lr=reference_inner_lr(0.4 if five_way else 0.1, ways),
+        meta_batch=32 if five_way else 16,
+        outer_lr=1e-3,
+        iterations=PAPER_ITERATIONS,
+        validate_every=250,
+        validation_tasks=200,
+        batched="true",
+        seed=0,
+    )
+
+
+def run_name(config: TrainConfig) -> str:
+    """The folder name of a run, e.g. ``"maml-5w1s"``."""
+    return f"{config.algorithm}-{config.ways}w{config.shots}s"
+
+
+OMNIGLOT_RUNS: dict[str, TrainConfig] = {
+    run_name(config): config
+    for config in (
+        finn_protocol(algorithm, ways, shots)
+        for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5))
+        for algorithm in ("maml", "fomaml")
+    )
+}
+
+
+def smoke_version(config: TrainConfig, iterations: int = 4) -> TrainConfig:
+    """The same protocol at a tiny size, for tests and the chapter's smoke run."""
+    return replace(config, iterations=iterations, validate_every=2, validation_tasks=4, meta_batch=2)
