@@ -61,7 +61,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert without_times(resumed["history"]["val"]) == without_times(straight["history"]["val"])
     sessions = resumed["history"]["sessions"]
     assert [(s["from_iteration"], s["to_iteration"]) for s in sessions] == [(0, 20), (20, 30)]
-    assert all(s["machine"].startswith("CPU") and s["torch"] == torch.__version__ for s in sessions)
+    assert all(s["machine"].startswith("CPU") and s["torch"] == str(torch.__version__) for s in sessions)
     elapsed = [v["elapsed_s"] for v in resumed["history"]["val"]]
     assert elapsed == sorted(elapsed) and elapsed[-1] >= sum(s["elapsed_s"] for s in sessions) - 0.2
 
@@ -140,10 +140,11 @@ def test_export_writes_final_parameters_and_a_run_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out), "--no-progress", "--test-tasks", "0"]) == 0
     capsys.readouterr()
-    assert main(["export", str(out)]) == 0
+    assert main(["export", str(out), "--test-tasks", "30"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["iterations"] == 30 and printed["tasks_seen"] == 30 * TrainConfig().meta_batch
     final = torch.load(out / "final.pt", weights_only=True)  # tensors and plain data only
+    torch.load(out / "last.pt", weights_only=True)  # the resumable checkpoint too
     assert set(final) == {"config", "iteration", "model"}  # no optimizer state
     summary = json.loads((out / "run.json").read_text())
     assert [v["iteration"] for v in summary["train"]] == [10, 20, 30]
@@ -157,5 +158,14 @@ def test_export_writes_final_parameters_and_a_run_summary(tmp_path, capsys):
         config, problem, phi = training.load_checkpoint(out / name, "cpu")
         results.append(training.evaluate(config, phi, problem, num_tasks=40, seed=5))
     assert results[0] == results[1]
+    # run.json keeps every test task's metric; whole chunks of tasks are drawn alike, so a
+    # shorter evaluation with the same seed and chunk scores the first tasks of the longer one
+    assert summary["test"]["tasks"] == 30 and len(summary["test"]["per_task"]) == 30
+    config, problem, phi = training.load_checkpoint(out / "final.pt", "cpu")
+    short = training.evaluate(config, phi, problem, num_tasks=20, chunk=10, per_task=True)
+    longer = training.evaluate(config, phi, problem, num_tasks=30, chunk=10, per_task=True)
+    assert short["per_task"] == longer["per_task"][:20]
+    again = training.evaluate(config, phi, problem, num_tasks=30, per_task=True)
+    assert again["per_task"] == pytest.approx(summary["test"]["per_task"], rel=1e-6)
     with pytest.raises(FileNotFoundError, match="train the run first"):
         training.export_run(tmp_path / "nothing")

@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         "export", help="write final.pt (meta-parameters only) and run.json (curve, provenance) of a run"
     )
     export.add_argument("run_dir", help="a folder written by train (holding last.pt)")
+    export.add_argument(
+        "--test-tasks", type=int, default=600, help="meta-test tasks to evaluate final.pt on (0: none)"
+    )
+    export.add_argument("--device", default="cpu", help="device of that evaluation")
     test = commands.add_parser("evaluate", help="mean metric ± 95%% CI over meta-test tasks")
     test.add_argument("--checkpoint", required=True)
     test.add_argument("--tasks", type=int, default=600)
@@ -96,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                 _, problem, params = load_checkpoint(f"{args.out}/best.pt", config.device)
                 summary["test"] = evaluate(config, params, problem, num_tasks=args.test_tasks)
         elif args.command == "export":
-            summary = {k: v for k, v in export_run(args.run_dir).items() if k not in ("val", "train")}
+            exported = export_run(args.run_dir, test_tasks=args.test_tasks, device=args.device)
+            summary = {k: v for k, v in exported.items() if k not in ("val", "train")}
+            if "test" in summary:
+                summary["test"] = {k: v for k, v in summary["test"].items() if k != "per_task"}
         else:
             config, problem, params = load_checkpoint(args.checkpoint, args.device)
             summary = evaluate(

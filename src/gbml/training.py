@@ -227,8 +227,14 @@ def evaluate(
     seed: int = 12345,
     chunk: int = 50,
     device: torch.device | None = None,
-) -> dict[str, float]:
-    """Mean post-adaptation metric over ``num_tasks`` tasks of ``split`` with its 95% CI."""
+    per_task: bool = False,
+) -> dict[str, Any]:
+    """Mean post-adaptation metric over ``num_tasks`` tasks of ``split`` with its 95% CI.
+
+    Tasks are drawn ``chunk`` at a time from a generator seeded with ``seed``, so evaluations with
+    the same seed and chunk share their first whole chunks of tasks. ``per_task=True`` adds every
+    task's metric (``"per_task"``, a list of floats).
+    """
     device = device or next(iter(phi.values())).device
     algorithm = config.make_algorithm(config.test_inner_steps)
     generator = torch.Generator().manual_seed(seed)
@@ -237,8 +243,12 @@ def evaluate(
         size = min(chunk, num_tasks - start)
         tasks = problem.tasks[split].sample(size, config.shots, config.queries, generator, device=device)
         values.append(evaluate_tasks(algorithm, problem, phi, tasks, batched=config.batched_option))
-    mean, ci = mean_and_ci95(torch.cat(values))
-    return {"metric": problem.metric_name, "mean": mean, "ci95": ci, "tasks": num_tasks, "split": split}
+    values = torch.cat(values)
+    mean, ci = mean_and_ci95(values)
+    result = {"metric": problem.metric_name, "mean": mean, "ci95": ci, "tasks": num_tasks, "split": split}
+    if per_task:
+        result["per_task"] = values.double().tolist()
+    return result
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -321,7 +331,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         "to_iteration": start,
         "elapsed_s": 0.0,
         "machine": machine_description(device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "source": source_revision(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -377,14 +387,16 @@ def train_command(config: TrainConfig, out: str | Path) -> str:
     return f"python -m gbml train {' '.join(options)} --out {out}"
 
 
-def export_run(run_dir: str | Path) -> dict[str, Any]:
+def export_run(run_dir: str | Path, *, test_tasks: int = 600, device: str = "cpu") -> dict[str, Any]:
     """Write a run's shareable results beside its checkpoints, and return the summary.
 
     From ``run_dir/last.pt`` this writes ``final.pt`` (the configuration and the final
     meta-parameters, without optimizer state: what :func:`load_checkpoint` needs) and
     ``run.json``: the command that continues the run, meta-iterations, tasks seen, wall time,
-    the sessions that trained it (machine, torch, code commit), the validation curve, and the
-    training query loss averaged over each validation period.
+    the sessions that trained it (machine, torch, code commit), the validation curve, the
+    training query loss averaged over each validation period, and (unless ``test_tasks=0``) the
+    meta-test result of the final meta-parameters on ``test_tasks`` tasks with every task's
+    accuracy, evaluated on ``device``.
     """
     run_dir = Path(run_dir)
     last = run_dir / "last.pt"
@@ -410,5 +422,8 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
         "val": history["val"],
         "train": bins,
     }
+    if test_tasks:
+        _, problem, phi = load_checkpoint(run_dir / "final.pt", device)
+        summary["test"] = evaluate(config, phi, problem, num_tasks=test_tasks, per_task=True)
     (run_dir / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
