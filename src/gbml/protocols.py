@@ -72,3 +72,41 @@ OMNIGLOT_RUNS: dict[str, TrainConfig] = {
 def smoke_version(config: TrainConfig, iterations: int = 4) -> TrainConfig:
     """The same protocol at a tiny size, for tests and the chapter's smoke run."""
     return replace(config, iterations=iterations, validate_every=2, validation_tasks=4, meta_batch=2)
+
+
+#: Published Omniglot accuracies (%, 600 test tasks, 95% CI where given), keyed by run name:
+#: Finn et al. 2017, Table 1 (MAML; FO-MAML's 20-way and 5-shot numbers from the same table), Nichol
+#: et al. 2018, Table 1 (Reptile, transductive), Rajeswaran et al. 2019, Table 2 (iMAML, GD inner
+#: solver, the variant gbml implements).
+PUBLISHED: dict[str, tuple[float, float | None, str]] = {
+    "maml-5w1s": (98.7, 0.4, "Finn et al. 2017"),
+    "maml-5w5s": (99.9, 0.1, "Finn et al. 2017"),
+    "maml-20w1s": (95.8, 0.3, "Finn et al. 2017"),
+    "maml-20w5s": (98.9, 0.2, "Finn et al. 2017"),
+    "fomaml-5w1s": (98.3, 0.5, "Finn et al. 2017"),
+    "fomaml-5w5s": (99.2, 0.2, "Finn et al. 2017"),
+    "fomaml-20w1s": (89.4, 0.5, "Finn et al. 2017"),
+    "fomaml-20w5s": (97.9, 0.1, "Finn et al. 2017"),
+    "reptile-5w1s": (97.68, 0.04, "Nichol et al. 2018, transductive"),
+    "reptile-5w5s": (99.48, 0.06, "Nichol et al. 2018, transductive"),
+    "reptile-20w1s": (89.43, 0.14, "Nichol et al. 2018, transductive"),
+    "reptile-20w5s": (97.12, 0.32, "Nichol et al. 2018, transductive"),
+    "imaml-5w1s": (99.16, 0.35, "Rajeswaran et al. 2019, GD"),
+    "imaml-5w5s": (99.67, 0.12, "Rajeswaran et al. 2019, GD"),
+    "imaml-20w1s": (94.46, 0.42, "Rajeswaran et al. 2019, GD"),
+    "imaml-20w5s": (98.69, 0.1, "Rajeswaran et al. 2019, GD"),
+}
+
+#: The accuracy (%) a committed run should reach to count as reproducing its paper: within about
+#: two points of the published 5-way 1-shot numbers, one point of the 5-shot ones.
+TARGETS: dict[str, float] = {
+    "maml-5w1s": 97.0,
+    "fomaml-5w1s": 96.0,
+    "reptile-5w1s": 96.0,
+    "imaml-5w1s": 96.0,
+    "maml-5w5s": 99.0,
+    "fomaml-5w5s": 99.0,
+    "reptile-5w5s": 99.0,
+    "imaml-5w5s": 99.0,
+    "maml-20w1s": 93.0,
+}
