@@ -156,6 +156,7 @@ def main(argv=None) -> dict:
         action="store_true",
         help="alternate the paths call by call (for close comparisons; no memory figures)",
     )
+    parser.add_argument("--note", default="", help="conditions of the run, printed above its tables")
     parser.add_argument("--out", default="benchmarks/results/meta_step_speed.json")
     args = parser.parse_args(argv)
     if args.small:
@@ -174,7 +175,7 @@ def main(argv=None) -> dict:
     except ImportError:
         paths = [p for p in paths if p != "higher"]
         print("higher is not installed (pip install -e '.[bench]'): skipping that baseline")
-    results = {"machine": machine_description(device), "setting": setting, "rows": []}
+    results = {"machine": machine_description(device), "setting": setting, "rows": [], "note": args.note}
     print(results["machine"])
     tasks = make_tasks(setting, device)
     warnings.filterwarnings("ignore", message="iMAML's conjugate gradient missed")

@@ -275,6 +275,17 @@ def main() -> None:
         if cpu:
             parts.append(f"### {caption}: {machine_line(cpu['machine'])}\n")
             parts.append(speed_tables(cpu))
+    for path in sorted(RESULTS.glob("meta_step_speed_cpu_finn*.json")):
+        finn = load(path.name)
+        s = finn["setting"]
+        parts.append(
+            f"### CPU, Finn et al.'s Omniglot protocol ({s['ways']}-way {s['shots']}-shot, strided network, "
+            f"{s['queries']} query per class, meta-batch {s['meta_batch']}, "
+            f"{finn['machine']['cpu_threads']} thread(s)): {machine_line(finn['machine'])}\n"
+        )
+        if finn.get("note"):
+            parts.append(finn["note"] + "\n")
+        parts.append(speed_tables(finn))
     if check:
         parts.append(f"### Agreement on the GPU: {machine_line(check['machine'])}\n")
         parts.append(check_table(check))

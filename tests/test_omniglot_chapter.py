@@ -14,7 +14,9 @@ import nbformat
 import papermill
 import pytest
 import torch
+import torch.nn.functional as F
 
+import gbml
 from gbml.protocols import OMNIGLOT_RUNS, PUBLISHED, TARGETS
 from gbml.training import evaluate, load_checkpoint
 from test_omniglot import real_data_dir
@@ -84,3 +86,58 @@ def test_targets_name_published_runs():
     assert set(TARGETS) <= set(PUBLISHED)
     for name, target in TARGETS.items():
         assert target < PUBLISHED[name][0]
+
+
+def test_pretraining_and_fine_tuning_on_real_omniglot(tmp_path, capsys):
+    """The joint-training baseline: the CLI trains and saves a body; fine-tuning with no steps
+    leaves a zero head (chance accuracy exactly); head-only fine-tuning equals a logistic
+    regression written by hand on the body's features (float64); vmap equals the loop."""
+    needs_omniglot()
+    from gbml.baselines import evaluate_finetuning, finetune_accuracies, load_pretrained
+    from gbml.cli import main
+    from gbml.omniglot import OmniglotTasks
+
+    out = tmp_path / "pretrained.pt"
+    assert (
+        main(["pretrain", "--steps", "3", "--classes-per-batch", "4", "--device", "cpu", "--out", str(out)])
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["classes"] == 4400 and printed["last"]["step"] == 3
+    body, record = load_pretrained(out)
+    assert not any(name.startswith("head.") for name in body) and len(record["curve"]) == 1
+
+    family = OmniglotTasks("test", 5)
+    tasks = family.sample(4, 1, 3, torch.Generator().manual_seed(0))
+    tasks = tasks._replace(x_support=tasks.x_support.double(), x_query=tasks.x_query.double())
+    body64 = {name: p.double() for name, p in body.items()}
+    untouched = finetune_accuracies(body64, tasks, ways=5, lr=0.5, steps=0, whole_net=False)
+    assert torch.equal(untouched, torch.full((4,), 1 / 5, dtype=torch.float64))  # argmax of zeros: label 0
+
+    lr, steps = 0.5, 7
+    batched = finetune_accuracies(body64, tasks, ways=5, lr=lr, steps=steps, whole_net=False)
+    looped = finetune_accuracies(body64, tasks, ways=5, lr=lr, steps=steps, whole_net=False, batched=False)
+    assert torch.equal(batched, looped)
+    net = gbml.finn_omniglot_net(5).double()
+    by_hand = []
+    for t in range(4):
+        task = tasks.task(t)
+
+        def features(x):
+            return torch.func.functional_call(
+                net.features, {k[len("features.") :]: v for k, v in body64.items()}, (x,)
+            ).mean(dim=(2, 3))
+
+        f_support, f_query = features(task.x_support), features(task.x_query)
+        weight, bias = torch.zeros(5, 64, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+        onehot = F.one_hot(task.y_support, 5).double()
+        for _ in range(steps):  # gradient of the mean cross-entropy of a linear softmax classifier
+            residual = (torch.softmax(f_support @ weight.T + bias, dim=-1) - onehot) / len(onehot)
+            weight, bias = weight - lr * residual.T @ f_support, bias - lr * residual.sum(0)
+        by_hand.append(float(((f_query @ weight.T + bias).argmax(-1) == task.y_query).double().mean()))
+    assert batched.tolist() == by_hand
+
+    whole = evaluate_finetuning(
+        body, family, shots=1, queries=1, lr=0.5, steps=2, whole_net=True, num_tasks=10
+    )
+    assert whole["tasks"] == 10 and len(whole["per_task"]) == 10 and 0 <= whole["mean"] <= 1

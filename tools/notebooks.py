@@ -40,6 +40,7 @@ from gbml.notebook import source_revision as gbml_source_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
+RESULTS = ROOT / "results" / "omniglot"
 TABLE = BOOK / "_generated" / "reproducibility_table.md"
 NOT_RECORDED = "not recorded"
 VERSIONS = {  # gbml_environment key: column title
@@ -219,7 +220,56 @@ def reproducibility_table() -> str:
     )
     if outside:
         text += f"\n† Not in the book's table of contents: {', '.join(outside)}.\n"
+    training = training_runs_table()
+    if training:
+        text += (
+            "\nThe meta-training runs whose results Chapter 8 meta-tests (`results/omniglot/*/run.json`),"
+            " one row per session of a run:\n\n" + training
+        )
     return text
+
+
+def training_runs_table() -> str:
+    """Every committed run's sessions: machine, torch, code commit, meta-iterations, wall time;
+    and the run's total, tasks seen and recorded test accuracy."""
+    rows = []
+    for path in sorted(RESULTS.glob("*/run.json")):
+        run = json.loads(path.read_text())
+        test = run.get("test")
+        accuracy = (
+            f"{100 * test['mean']:.1f} ± {100 * test['ci95']:.1f}% ({test['tasks']} tasks)" if test else "–"
+        )
+        for i, session in enumerate(run["sessions"]):
+            first = i == 0
+            rows.append(
+                [
+                    f"`{path.parent.name}`" if first else "",
+                    session["machine"],
+                    f"`{session['torch']}`",
+                    f"`{session['source']}`",
+                    f"{session['from_iteration']:,}–{session['to_iteration']:,}",
+                    format_duration(session["elapsed_s"]),
+                    f"{run['iterations']:,} / {run['tasks_seen']:,}" if first else "",
+                    accuracy if first else "",
+                ]
+            )
+    if not rows:
+        return ""
+    header = [
+        "run",
+        "machine",
+        "torch",
+        "gbml source",
+        "meta-iterations",
+        "wall time",
+        "total iterations / tasks seen",
+        "test accuracy",
+    ]
+    commands = "\n".join(
+        f"- `{p.parent.name}`: `{json.loads(p.read_text())['command']}`"
+        for p in sorted(RESULTS.glob("*/run.json"))
+    )
+    return markdown_table(header, rows) + "\nThe command that continues each run:\n\n" + commands + "\n"
 
 
 def write_page() -> None:

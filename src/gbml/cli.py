@@ -9,6 +9,7 @@ Examples::
     python -m gbml train ... --resume          # continue runs/.../last.pt
     python -m gbml export runs/omni-5w1s     # final.pt and run.json, for sharing
     python -m gbml evaluate --checkpoint runs/omni-5w1s/final.pt --tasks 600
+    python -m gbml pretrain --steps 5000 --out runs/pretrained.pt   # the joint-training baseline
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
         "--test-tasks", type=int, default=600, help="meta-test tasks to evaluate final.pt on (0: none)"
     )
     export.add_argument("--device", default="cpu", help="device of that evaluation")
+    joint = commands.add_parser(
+        "pretrain", help="the non-meta-learned baseline: train one classifier on all meta-training classes"
+    )
+    joint.add_argument("--out", required=True, help="file for the body's parameters and the record (.pt)")
+    joint.add_argument("--steps", type=int, default=5000, help="Adam steps")
+    joint.add_argument(
+        "--classes-per-batch", type=int, default=32, help="classes per batch (2 drawings each)"
+    )
+    joint.add_argument("--lr", type=float, default=1e-3, help="Adam's step size")
+    joint.add_argument("--seed", type=int, default=0, help="initialisation and batches")
+    joint.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
     test = commands.add_parser("evaluate", help="mean metric ± 95%% CI over meta-test tasks")
     test.add_argument("--checkpoint", required=True)
     test.add_argument("--tasks", type=int, default=600)
@@ -99,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.test_tasks:
                 _, problem, params = load_checkpoint(f"{args.out}/best.pt", config.device)
                 summary["test"] = evaluate(config, params, problem, num_tasks=args.test_tasks)
+        elif args.command == "pretrain":
+            from gbml.baselines import PretrainConfig, pretrain, save_pretrained
+            from gbml.notebook import resolve_device
+            from gbml.omniglot import OmniglotTasks
+
+            config = PretrainConfig(
+                steps=args.steps, classes_per_batch=args.classes_per_batch, lr=args.lr, seed=args.seed
+            )
+            body, record = pretrain(config, OmniglotTasks(config.split, 5), resolve_device(args.device))
+            save_pretrained(args.out, body, record)
+            summary = {"out": args.out, **{k: v for k, v in record.items() if k != "curve"}}
+            summary["last"] = record["curve"][-1]
         elif args.command == "export":
             exported = export_run(args.run_dir, test_tasks=args.test_tasks, device=args.device)
             summary = {k: v for k, v in exported.items() if k not in ("val", "train")}

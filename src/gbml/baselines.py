@@ -1,0 +1,187 @@
+"""The baseline without meta-learning that Finn et al. compare MAML with: *pretrain* one network on
+all meta-training classes at once (ordinary classification), then *fine-tune* it on each test
+task's support set.
+
+:func:`pretrain` trains Finn et al.'s Omniglot network with one output per meta-training class
+(4400 with rotations) on batches of random drawings; its body (everything but the head) is the
+pretrained representation. :func:`evaluate_finetuning` gives each test task a new N-way head,
+initialised to zero, and takes gradient steps on the support set, either on the head alone (a
+logistic regression on the pretrained features) or on the whole network; it scores the same tasks
+as :func:`gbml.training.evaluate` with the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from gbml.adapt import check_learning_rate, check_steps, task_adapt
+from gbml.errors import DivergenceError
+from gbml.models import finn_omniglot_net, make_loss
+from gbml.notebook import machine_description, source_revision
+from gbml.omniglot import OmniglotTasks
+from gbml.params import Params, detached
+from gbml.tasks import Task
+from gbml.training import mean_and_ci95, save_checkpoint
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Joint training on every class of the meta-training split.
+
+    Each step draws ``classes_per_batch`` classes (with replacement) and two drawings of each,
+    a batch of 2 × ``classes_per_batch`` images, and takes an Adam step on their mean cross-entropy.
+    """
+
+    steps: int = 5000
+    classes_per_batch: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    split: str = "train"
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "classes_per_batch", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_learning_rate("lr", self.lr)
+
+
+def pretrain(
+    config: PretrainConfig, family: OmniglotTasks, device: torch.device | str = "cpu"
+) -> tuple[Params, dict[str, Any]]:
+    """Train the network on all of ``family``'s classes; return its body's parameters (without
+    the head) and a record: the configuration, the training loss and accuracy every
+    ``log_every`` steps, wall time, machine, torch version and code commit."""
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    model = finn_omniglot_net(family.num_classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    curve, window, start = [], [], time.perf_counter()
+    for step in range(1, config.steps + 1):
+        classes = torch.randint(family.num_classes, (config.classes_per_batch, 1), generator=generator)
+        pair = family.make_tasks((classes,), 1, 1, generator, device=device)  # two drawings per class
+        x = torch.cat([pair.x_support, pair.x_query], dim=1).flatten(0, 1)
+        y = classes.to(device).expand(-1, 2).flatten()  # the class itself is the label
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise DivergenceError(f"pretraining diverged at step {step} (loss {float(loss)}); lower lr")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        window.append((float(loss.detach()), float((logits.detach().argmax(-1) == y).float().mean())))
+        if step % config.log_every == 0 or step == config.steps:
+            curve.append(
+                {
+                    "step": step,
+                    "loss": sum(w[0] for w in window) / len(window),
+                    "accuracy": sum(w[1] for w in window) / len(window),
+                }
+            )
+            window = []
+    record = {
+        "config": asdict(config),
+        "classes": family.num_classes,
+        "curve": curve,
+        "elapsed_s": round(time.perf_counter() - start, 1),
+        "machine": machine_description(device),
+        "torch": str(torch.__version__),
+        "source": source_revision(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    body = {name: p.detach() for name, p in model.named_parameters() if not name.startswith("head.")}
+    return body, record
+
+
+def save_pretrained(path: str | Path, body: Params, record: dict[str, Any]) -> None:
+    """Write the body's parameters and the record (loads with ``torch.load(weights_only=True)``)."""
+    save_checkpoint(Path(path), {"body": {k: v.cpu() for k, v in body.items()}, "record": record})
+
+
+def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tuple[Params, dict[str, Any]]:
+    """The body's parameters and the record written by :func:`save_pretrained`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no pretrained network at {path}: run python -m gbml pretrain first")
+    state = torch.load(path, map_location=device, weights_only=True)
+    return state["body"], state["record"]
+
+
+def finetune_accuracies(
+    body: Params, tasks: Task, *, ways: int, lr: float, steps: int, whole_net: bool, batched: bool = True
+) -> Tensor:
+    """Query accuracy of every task (shape (T,)) after fine-tuning a new zero-initialised N-way
+    head (and with ``whole_net=True`` the body too) by ``steps`` gradient steps of size ``lr``
+    on the mean support cross-entropy."""
+    check_learning_rate("lr", lr)
+    check_steps("steps", steps)
+    reference = next(iter(body.values()))
+    model = finn_omniglot_net(ways).to(reference.device, reference.dtype)
+    loss = make_loss(model, F.cross_entropy)
+    body = detached(body)
+    head = {
+        name: torch.zeros_like(p.detach()) for name, p in model.named_parameters() if name.startswith("head.")
+    }
+
+    def one(task: Task) -> Tensor:
+        if whole_net:
+            theta = task_adapt(
+                loss, {**body, **head}, *task.support, lr=lr, steps=steps, differentiable=False
+            )
+        else:
+            head_loss = lambda h, x, y: loss({**body, **h}, x, y)  # noqa: E731 (the body stays fixed)
+            theta = {
+                **body,
+                **task_adapt(head_loss, head, *task.support, lr=lr, steps=steps, differentiable=False),
+            }
+        logits = functional_call(model, theta, (task.x_query,))
+        return (logits.argmax(dim=-1) == task.y_query).to(logits.dtype).mean()
+
+    if batched:
+        return vmap(one, randomness="error")(tasks)
+    return torch.stack([one(tasks.task(t)) for t in range(tasks.num_tasks)])
+
+
+def evaluate_finetuning(
+    body: Params,
+    family: OmniglotTasks,
+    *,
+    shots: int,
+    queries: int,
+    lr: float,
+    steps: int,
+    whole_net: bool,
+    num_tasks: int = 600,
+    seed: int = 12345,
+    chunk: int = 50,
+) -> dict[str, Any]:
+    """Mean query accuracy ± 95% CI of fine-tuning over ``num_tasks`` tasks of ``family``, drawn
+    as :func:`gbml.training.evaluate` draws them (same seed and chunk: the same tasks)."""
+    device = next(iter(body.values())).device
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for start in range(0, num_tasks, chunk):
+        tasks = family.sample(min(chunk, num_tasks - start), shots, queries, generator, device=device)
+        values.append(
+            finetune_accuracies(body, tasks, ways=family.ways, lr=lr, steps=steps, whole_net=whole_net)
+        )
+    values = torch.cat(values)
+    mean, ci = mean_and_ci95(values)
+    return {
+        "metric": "accuracy",
+        "mean": mean,
+        "ci95": ci,
+        "tasks": num_tasks,
+        "per_task": values.double().tolist(),
+    }
