@@ -68,9 +68,12 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     other = TrainConfig(dataset="sinusoid", iterations=30, validate_every=10, validation_tasks=20, seed=4)
     with pytest.raises(ValueError, match="other options"):
         training.train(other, tmp_path / "interrupted", resume=True, progress=False)
-    longer = TrainConfig(dataset="sinusoid", iterations=40, validate_every=10, validation_tasks=20, seed=3)
+    longer = TrainConfig(
+        dataset="sinusoid", iterations=40, validate_every=10, validation_tasks=20, seed=3, batched="false"
+    )  # longer, and along the per-task loop instead of vmap: both may change on resume
     history = training.train(longer, tmp_path / "interrupted", resume=True, progress=False)
     assert len(history["train"]) == 40 and history["val"][-1]["iteration"] == 40
+    assert [s["batched"] for s in history["sessions"]] == ["auto", "auto", "false"]
 
 
 def test_bad_options_and_divergence_give_clear_errors(tmp_path, capsys):

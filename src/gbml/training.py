@@ -36,6 +36,9 @@ from gbml.tasks import SinusoidTasks, Task
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 DATASETS = ("sinusoid", "omniglot")
 NETWORKS = ("stride", "max_pool")
+#: The options a resumed run may change: its length, and where and along which code path it runs
+#: (every path computes the same meta-gradient up to rounding; the test suite checks this).
+EXECUTION_OPTIONS = ("iterations", "device", "batched")
 
 
 @dataclass
@@ -282,12 +285,13 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
     last = out_dir / "last.pt"
     if resume and last.exists():
         state = torch.load(last, map_location=device, weights_only=False)
-        # Everything but the number of iterations must match (a finished run may be extended).
+        # Only how long and how it runs may change (a finished run may be extended, or moved to
+        # another device or code path); everything that defines the problem must match.
         requested = asdict(config)
         differences = {
             k: (v, requested.get(k))
             for k, v in state["config"].items()
-            if k != "iterations" and requested.get(k) != v
+            if k not in EXECUTION_OPTIONS and requested.get(k) != v
         }
         if differences:
             raise ValueError(
@@ -331,6 +335,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         "to_iteration": start,
         "elapsed_s": 0.0,
         "machine": machine_description(device),
+        "batched": config.batched,
         "torch": str(torch.__version__),
         "source": source_revision(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
