@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import gbml
 import gbml.training as training
 from gbml.cli import main
 from gbml.training import TrainConfig, mean_and_ci95
@@ -172,3 +173,54 @@ def test_export_writes_final_parameters_and_a_run_summary(tmp_path, capsys):
     assert again["per_task"] == pytest.approx(summary["test"]["per_task"], rel=1e-6)
     with pytest.raises(FileNotFoundError, match="train the run first"):
         training.export_run(tmp_path / "nothing")
+
+
+def test_reptile_with_outer_sgd_of_step_one_moves_phi_to_theta(tmp_path):
+    """Nichol et al.'s outer update: φ ← φ + ε (θ_t − φ) is SGD of step ε on Δ_t = φ − θ_t; with
+    ε = 1 and one task, φ becomes θ_t, computed here by hand from the same task."""
+    config = TrainConfig(
+        algorithm="reptile",
+        dataset="sinusoid",
+        inner_lr=0.01,
+        inner_steps=3,
+        meta_batch=1,
+        iterations=1,
+        validate_every=1,
+        validation_tasks=5,
+        outer_optimizer="sgd",
+        outer_lr=1.0,
+        outer_lr_final=0.0,
+        seed=7,
+    )
+    initial = gbml.parameters_of(training.make_problem(config, torch.device("cpu")).model)
+    phi0 = {name: p.detach().clone() for name, p in initial.items()}
+    training.train(config, tmp_path, progress=False)
+    _, problem, phi = training.load_checkpoint(tmp_path / "last.pt", "cpu")
+    task = (
+        gbml.SinusoidTasks().sample(1, config.shots, config.queries, torch.Generator().manual_seed(7)).task(0)
+    )
+    theta = gbml.task_adapt(problem.loss, phi0, *task.joined(), lr=0.01, steps=3, differentiable=False)
+    for name in theta:
+        assert torch.allclose(phi[name], theta[name], rtol=0, atol=1e-6), name
+    # the step size anneals linearly from outer_lr to outer_lr_final over the run
+    longer = TrainConfig(outer_lr=1.0, outer_lr_final=0.0, iterations=100)
+    assert [longer.outer_lr_at(i) for i in (0, 50, 99)] == pytest.approx([1.0, 0.5, 0.01])
+    assert TrainConfig(outer_lr=0.3).outer_lr_at(99) == 0.3
+    with pytest.raises(ValueError, match="outer_optimizer"):
+        TrainConfig(outer_optimizer="rmsprop")
+
+
+def test_evaluation_uses_test_queries():
+    config = TrainConfig(dataset="sinusoid", queries=10, test_queries=3)
+    assert config.evaluation_queries == 3 and TrainConfig(queries=4).evaluation_queries == 4
+    problem = training.make_problem(config, torch.device("cpu"))
+    drawn = []
+    real_sample = problem.tasks["test"].sample
+
+    def recording_sample(num_tasks, shots, queries, generator, **kwargs):
+        drawn.append(queries)
+        return real_sample(num_tasks, shots, queries, generator, **kwargs)
+
+    problem.tasks["test"] = type("Recording", (), {"sample": staticmethod(recording_sample)})()
+    training.evaluate(config, gbml.parameters_of(problem.model), problem, num_tasks=20)
+    assert drawn == [3]

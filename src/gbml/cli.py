@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         "validation_tasks": "tasks per validation",
         "batched": "vmap over tasks: auto, true, false, or compile (vmap through torch.compile)",
         "network": "Omniglot network: stride (Finn et al.'s Omniglot net, default) or max_pool",
+        "test_queries": "query examples per class at validation and meta-test (default: --queries)",
+        "outer_optimizer": "adam or sgd (SGD with Reptile: φ moves a fraction outer-lr towards θ_t)",
+        "outer_lr_final": "anneal the outer step size linearly to this over --iterations (default: constant)",
     }
     for f in fields(TrainConfig):
         if f.name in ("algorithm", "dataset"):

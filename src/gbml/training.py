@@ -76,6 +76,9 @@ class TrainConfig:
     validation_tasks: int = 100
     batched: str = "auto"
     network: str = "stride"
+    test_queries: int | None = None
+    outer_optimizer: str = "adam"
+    outer_lr_final: float | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -98,11 +101,39 @@ class TrainConfig:
             raise ValueError(f"eval_inner_steps must be non-negative, got {self.eval_inner_steps!r}")
         if not self.outer_lr > 0:
             raise ValueError(f"outer_lr must be positive, got {self.outer_lr!r}")
+        if self.test_queries is not None and (
+            isinstance(self.test_queries, bool)
+            or not isinstance(self.test_queries, int)
+            or self.test_queries < 1
+        ):
+            raise ValueError(f"test_queries must be a positive integer or None, got {self.test_queries!r}")
+        if self.outer_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"outer_optimizer must be 'adam' or 'sgd', got {self.outer_optimizer!r}")
+        if self.outer_lr_final is not None and not self.outer_lr_final >= 0:
+            raise ValueError(f"outer_lr_final must be non-negative or None, got {self.outer_lr_final!r}")
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
         if self.batched not in ("auto", "true", "false", "compile"):
             raise ValueError(f"batched must be 'auto', 'true', 'false' or 'compile', got {self.batched!r}")
         self.make_algorithm()  # validates inner_lr, inner_steps, lam, cg_steps
+
+    @property
+    def evaluation_queries(self) -> int:
+        """Query images (per class for Omniglot) of validation and meta-test tasks."""
+        return self.queries if self.test_queries is None else self.test_queries
+
+    def outer_lr_at(self, iteration: int) -> float:
+        """The outer step size of meta-iteration ``iteration`` (0-based): ``outer_lr``, or with
+        ``outer_lr_final`` set, linearly annealed from ``outer_lr`` to it over ``iterations``."""
+        if self.outer_lr_final is None:
+            return self.outer_lr
+        return self.outer_lr + (self.outer_lr_final - self.outer_lr) * iteration / self.iterations
+
+    def make_outer_optimizer(self, params) -> torch.optim.Optimizer:
+        """Adam, or plain SGD (with which Reptile's φ ← φ − ε Δ is its interpolation towards θ_t)."""
+        if self.outer_optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.outer_lr)
+        return torch.optim.Adam(params, lr=self.outer_lr)
 
     @property
     def test_inner_steps(self) -> int:
@@ -244,7 +275,9 @@ def evaluate(
     values = []
     for start in range(0, num_tasks, chunk):
         size = min(chunk, num_tasks - start)
-        tasks = problem.tasks[split].sample(size, config.shots, config.queries, generator, device=device)
+        tasks = problem.tasks[split].sample(
+            size, config.shots, config.evaluation_queries, generator, device=device
+        )
         values.append(evaluate_tasks(algorithm, problem, phi, tasks, batched=config.batched_option))
     values = torch.cat(values)
     mean, ci = mean_and_ci95(values)
@@ -277,7 +310,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
     device = resolve_device(config.device)
     problem = make_problem(config, device)
     params = parameters_of(problem.model)
-    optimizer = torch.optim.Adam(params.values(), lr=config.outer_lr)
+    optimizer = config.make_outer_optimizer(params.values())
     algorithm = config.make_algorithm()
     generator = torch.Generator().manual_seed(config.seed)
     history: dict[str, Any] = {"config": asdict(config), "train": [], "val": []}
@@ -346,6 +379,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         tasks = problem.tasks["train"].sample(
             config.meta_batch, config.shots, config.queries, generator, device=device
         )
+        for group in optimizer.param_groups:  # a function of the iteration: resumes exactly
+            group["lr"] = config.outer_lr_at(iteration)
         result = step(tasks)
         history["train"].append({"iteration": iteration + 1, "query_loss": result.query_loss})
         if (iteration + 1) % config.validate_every == 0 or iteration + 1 == config.iterations:
