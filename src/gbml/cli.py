@@ -9,7 +9,7 @@ Examples::
     python -m gbml train ... --resume          # continue runs/.../last.pt
     python -m gbml export runs/omni-5w1s     # final.pt and run.json, for sharing
     python -m gbml evaluate --checkpoint runs/omni-5w1s/final.pt --tasks 600
-    python -m gbml pretrain --steps 5000 --out runs/pretrained.pt   # the joint-training baseline
+    python -m gbml pretrain --out runs/pretrained.pt   # the joint-training baseline
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "pretrain", help="the non-meta-learned baseline: train one classifier on all meta-training classes"
     )
     joint.add_argument("--out", required=True, help="file for the body's parameters and the record (.pt)")
-    joint.add_argument("--steps", type=int, default=5000, help="Adam steps")
+    joint.add_argument("--steps", type=int, default=20000, help="Adam steps")
     joint.add_argument(
         "--classes-per-batch", type=int, default=32, help="classes per batch (2 drawings each)"
     )
