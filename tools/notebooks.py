@@ -245,6 +245,7 @@ def training_runs_table() -> str:
                 [
                     f"`{path.parent.name}`" if first else "",
                     session["machine"],
+                    f"`{session.get('batched', '–')}`",
                     f"`{session['torch']}`",
                     f"`{session['source']}`",
                     f"{session['from_iteration']:,}–{session['to_iteration']:,}",
@@ -258,6 +259,7 @@ def training_runs_table() -> str:
     header = [
         "run",
         "machine",
+        "tasks batched",
         "torch",
         "gbml source",
         "meta-iterations",
