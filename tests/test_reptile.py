@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import gbml
+from gbml.training import TrainConfig
 from reference import clone_params, linear_regression_quantities, loss_gradient, relative_error
 
 
@@ -47,3 +48,90 @@ def test_zero_steps_give_zero_update(generator, mlp_setup):
         gbml.make_loss(model, criterion), clone_params(model), task
     )
     assert all(float(d.abs().max()) == 0.0 for d in delta.values())
+
+
+def _class_major_task(generator, ways=3, shots=2, queries=3):
+    """A float64 image task whose examples are grouped by class (all of class 0 first), as
+    Omniglot tasks are, so that the minibatch order has something to interleave."""
+
+    def part(per_class):
+        x = torch.randn(ways * per_class, 1, 28, 28, generator=generator, dtype=torch.float64)
+        return x, torch.arange(ways).repeat_interleave(per_class)
+
+    return gbml.Task(*part(shots), *part(queries))
+
+
+def _hand_minibatch_reptile(model, task, lr, steps, batch):
+    """Nichol et al.'s inner loop written out: class-interleaved order, consecutive blocks,
+    cycling, one SGD step per block; autograd on the module, no torch.func."""
+    x = torch.cat([task.x_support, task.x_query])
+    y = torch.cat([task.y_support, task.y_query])
+    by_class = {int(c): [i for i in range(len(y)) if int(y[i]) == c] for c in y.unique()}
+    order = [
+        members[r]
+        for r in range(max(map(len, by_class.values())))
+        for c, members in sorted(by_class.items())
+        if r < len(members)
+    ]
+    x, y = x[order], y[order]
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    names = [name for name, _ in model.named_parameters()]
+    for step in range(steps):
+        block = [(step * batch + i) % len(y) for i in range(batch)]
+        logits = torch.func.functional_call(model, dict(zip(names, theta, strict=True)), (x[block],))
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y[block]), theta)
+        theta = [(t - lr * g).detach().requires_grad_() for t, g in zip(theta, grads, strict=True)]
+    return {
+        name: p.detach() - t.detach() for (name, p), t in zip(model.named_parameters(), theta, strict=True)
+    }
+
+
+@pytest.mark.parametrize("steps", [1, 4, 7])
+def test_minibatch_steps_are_nichols_inner_loop(steps, generator, conv_setup):
+    model, criterion = conv_setup
+    task = _class_major_task(generator)  # 15 examples: blocks of 6 cycle through them
+    delta, info = gbml.Reptile(inner_lr=0.1, inner_steps=steps, inner_batch=6).task_delta(
+        gbml.make_loss(model, criterion), clone_params(model), task
+    )
+    assert relative_error(delta, _hand_minibatch_reptile(model, task, 0.1, steps, 6)) < 1e-12
+    assert info["query_loss"].dim() == 0 and torch.isfinite(info["query_loss"])
+
+
+def test_a_minibatch_of_the_whole_task_is_the_full_batch_step(generator, conv_setup):
+    model, criterion = conv_setup
+    task = _class_major_task(generator)
+    loss, phi = gbml.make_loss(model, criterion), clone_params(model)
+    full, _ = gbml.Reptile(inner_lr=0.1, inner_steps=3).task_delta(loss, phi, task)
+    whole, _ = gbml.Reptile(inner_lr=0.1, inner_steps=3, inner_batch=15).task_delta(loss, phi, task)
+    assert relative_error(whole, full) < 1e-12
+
+
+def test_minibatch_vmap_equals_loop(generator, conv_setup):
+    model, criterion = conv_setup
+    loss, phi = gbml.make_loss(model, criterion), clone_params(model)
+    tasks = gbml.Task(
+        *(torch.stack(parts) for parts in zip(*(_class_major_task(generator) for _ in range(3)), strict=True))
+    )
+    reptile = gbml.Reptile(inner_lr=0.1, inner_steps=4, inner_batch=6)
+    batched, _ = gbml.meta_gradient(reptile, loss, phi, tasks, batched=True)
+    looped, _ = gbml.meta_gradient(reptile, loss, phi, tasks, batched=False)
+    assert relative_error(batched, looped) < 1e-10
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_invalid_inner_batch_is_refused(bad):
+    with pytest.raises(ValueError, match="inner_batch"):
+        gbml.Reptile(inner_lr=0.1, inner_steps=2, inner_batch=bad)
+
+
+def test_an_inner_batch_larger_than_the_task_is_refused(generator, conv_setup):
+    model, criterion = conv_setup
+    with pytest.raises(ValueError, match="more than the task's 15 examples"):
+        gbml.Reptile(inner_lr=0.1, inner_steps=2, inner_batch=16).task_delta(
+            gbml.make_loss(model, criterion), clone_params(model), _class_major_task(generator)
+        )
+
+
+def test_inner_batch_belongs_to_reptile_only():
+    with pytest.raises(ValueError, match="inner_batch is Reptile's"):
+        TrainConfig(algorithm="maml", inner_batch=10)

@@ -345,6 +345,11 @@ def run(names: list[str], device: str, extra: list[list[str]], out: Path | None,
             failures.append(partial)
             continue
         notebook = nbformat.read(partial, as_version=4)
+        # papermill's injected "# Parameters" cell would show as a stray second parameters cell;
+        # the values it set stay in notebook.metadata.papermill.parameters (and the appendix).
+        notebook.cells = [
+            c for c in notebook.cells if "injected-parameters" not in c.metadata.get("tags", [])
+        ]
         notebook.metadata.papermill["output_path"] = str(target.relative_to(ROOT) if not out else target)
         environment = kernel_environment(kernel)
         environment["papermill"] = papermill.__version__

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "network": "Omniglot network: stride (Finn et al.'s Omniglot net, default) or max_pool",
         "test_queries": "query examples per class at validation and meta-test (default: --queries)",
         "outer_optimizer": "adam or sgd (SGD with Reptile: φ moves a fraction outer-lr towards θ_t)",
+        "inner_batch": "Reptile: each inner step on the next INNER_BATCH examples of the task (default: all)",
         "outer_lr_final": "anneal the outer step size linearly to this over --iterations (default: constant)",
     }
     for f in fields(TrainConfig):

@@ -12,10 +12,8 @@ options reproduces it. Finn et al.'s settings (MAML and FO-MAML) as their refere
   of the mean cross-entropy, so both are ``inner_lr`` = N·α = 2.0 on gbml's mean loss;
 * meta-batches of 32 tasks (16 for 20-way), Adam with step size 10⁻³, 60,000 meta-iterations.
 
-iMAML follows Rajeswaran et al.'s released code (:func:`rajeswaran_protocol`). Reptile's protocol
-(Nichol et al.: Adam as the inner optimiser on minibatches of 15 drawings per class, an outer step
-annealed from 1 to 0) needs an inner-loop step size for ``gbml.Reptile``'s plain gradient descent,
-which a pilot run has to choose; it is not registered yet.
+iMAML follows Rajeswaran et al.'s released code (:func:`rajeswaran_protocol`), Reptile Nichol et
+al.'s (openai/supervised-reptile, :func:`nichol_protocol`).
 
 Every run batches its tasks with ``vmap`` (``batched="true"``): on the 2-core CPU it is about
 twice as fast as the per-task loop at this shape (``benchmarks/omniglot_cpu.py``), and on GPUs it
@@ -28,7 +26,8 @@ from dataclasses import replace
 
 from gbml.training import TrainConfig, reference_inner_lr
 
-#: The paper budget of every run; a committed run may have stopped earlier (its run.json says).
+#: Finn et al.'s and Rajeswaran et al.'s budget (Reptile's is 100,000 or 200,000); a committed
+#: run may have stopped earlier (its run.json says).
 PAPER_ITERATIONS = 60_000
 
 
@@ -97,22 +96,74 @@ def rajeswaran_protocol(ways: int, shots: int) -> TrainConfig:
     )
 
 
+#: ``gbml.Reptile``'s inner step size on Nichol et al.'s protocol, chosen by a pilot (the book's
+#: Chapter 8, §8.3): their inner optimiser is Adam, which gbml's plain gradient steps replace.
+REPTILE_INNER_LR = {5: 0.5, 20: 0.5}
+
+
+def nichol_protocol(ways: int, shots: int) -> TrainConfig:
+    """Reptile as Nichol et al.'s code runs transductive Omniglot, as far as ``gbml.Reptile``
+    allows: training tasks with 10 drawings per class (K support + 10 − K query; Reptile trains
+    on both), inner steps on consecutive minibatches of 10 (20 for 20-way) examples, 5 of them
+    (10 for 20-way), i.e. one pass over the task; meta-batches of 5 tasks; the outer step
+    φ ← φ + ε (mean θ_t − φ) with ε annealed linearly from 1 to 0 (outer SGD); 100,000
+    meta-iterations (200,000 for 20-way); at test, 50 steps on the K support images and one query
+    image per class, predicted transductively.
+
+    Their inner optimiser is Adam (β₁ = 0, step 10⁻³, its moments kept across tasks); ``gbml``
+    takes plain gradient steps of :data:`REPTILE_INNER_LR`, on full support batches at test
+    where they use minibatches of 5 (10 for 20-way).
+    """
+    if ways not in (5, 20):
+        raise ValueError(f"Nichol et al. ran 5-way and 20-way Omniglot, got ways={ways!r}")
+    five_way = ways == 5
+    return TrainConfig(
+        algorithm="reptile",
+        dataset="omniglot",
+        network="stride",
+        ways=ways,
+        shots=shots,
+        queries=10 - shots,
+        test_queries=1,
+        inner_steps=5 if five_way else 10,
+        inner_batch=10 if five_way else 20,
+        eval_inner_steps=50,
+        inner_lr=REPTILE_INNER_LR[ways],
+        meta_batch=5,
+        outer_optimizer="sgd",
+        outer_lr=1.0,
+        outer_lr_final=0.0,
+        iterations=100_000 if five_way else 200_000,
+        validate_every=1000,
+        validation_tasks=200,
+        batched="true",
+        seed=0,
+    )
+
+
 def run_name(config: TrainConfig) -> str:
     """The folder name of a run, e.g. ``"maml-5w1s"``."""
     return f"{config.algorithm}-{config.ways}w{config.shots}s"
 
 
-OMNIGLOT_RUNS: dict[str, TrainConfig] = {
-    run_name(config): config
-    for config in (
-        finn_protocol(algorithm, ways, shots)
-        for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5))
-        for algorithm in ("maml", "fomaml")
-    )
-} | {
-    run_name(config): config
-    for config in (rajeswaran_protocol(ways, shots) for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5)))
-}
+OMNIGLOT_RUNS: dict[str, TrainConfig] = (
+    {
+        run_name(config): config
+        for config in (
+            finn_protocol(algorithm, ways, shots)
+            for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5))
+            for algorithm in ("maml", "fomaml")
+        )
+    }
+    | {
+        run_name(config): config
+        for config in (rajeswaran_protocol(ways, shots) for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5)))
+    }
+    | {
+        run_name(config): config
+        for config in (nichol_protocol(ways, shots) for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5)))
+    }
+)
 
 
 def smoke_version(config: TrainConfig, iterations: int = 4) -> TrainConfig:

@@ -79,6 +79,7 @@ class TrainConfig:
     test_queries: int | None = None
     outer_optimizer: str = "adam"
     outer_lr_final: float | None = None
+    inner_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -111,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"outer_optimizer must be 'adam' or 'sgd', got {self.outer_optimizer!r}")
         if self.outer_lr_final is not None and not self.outer_lr_final >= 0:
             raise ValueError(f"outer_lr_final must be non-negative or None, got {self.outer_lr_final!r}")
+        if self.inner_batch is not None and self.algorithm != "reptile":
+            raise ValueError(f"inner_batch is Reptile's (minibatch inner steps), not {self.algorithm}'s")
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
         if self.batched not in ("auto", "true", "false", "compile"):
@@ -146,7 +149,7 @@ class TrainConfig:
         if self.algorithm == "fomaml":
             return FOMAML(self.inner_lr, steps)
         if self.algorithm == "reptile":
-            return Reptile(self.inner_lr, steps)
+            return Reptile(self.inner_lr, steps, inner_batch=self.inner_batch)
         # Truncated solves are iMAML's normal regime in training, so a missed tolerance warns.
         return IMAML(
             self.inner_lr,
