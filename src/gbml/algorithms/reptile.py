@@ -8,8 +8,8 @@ Handed to an optimizer as a gradient, φ ← φ − ε Δ_t = φ + ε (θ_t − 
 from L > 1 (see the book's Reptile chapter for the Taylor expansion).
 
 Nichol et al. take each inner step on a *minibatch* of D_t (``inner_batch``): step k uses the
-k-th block of ``inner_batch`` examples, cycling, so that L · inner_batch = |D_t| is one pass over
-the task's data. The examples are first put in class-interleaved order (the first drawing of every
+k-th block of ``inner_batch`` examples, cycling (Nichol et al. choose L · inner_batch equal to the
+task's number of examples: one pass over its data). The examples are first put in class-interleaved order (the first drawing of every
 class, then the second, ...), so each minibatch holds every class about equally often.
 """
 
