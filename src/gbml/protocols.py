@@ -96,9 +96,11 @@ def rajeswaran_protocol(ways: int, shots: int) -> TrainConfig:
     )
 
 
-#: ``gbml.Reptile``'s inner step size on Nichol et al.'s protocol, chosen by a pilot (the book's
-#: Chapter 8, §8.3): their inner optimiser is Adam, which gbml's plain gradient steps replace.
-REPTILE_INNER_LR = {5: 0.5, 20: 0.5}
+#: ``gbml.Reptile``'s inner step size on Nichol et al.'s protocol (their inner optimiser is Adam,
+#: which gbml's plain gradient steps replace): the best of 0.1, 0.5, 2.0 and 5.0 in a 5-way 1-shot
+#: pilot of 2,000 meta-iterations each (results/omniglot/pilots, the book's §8.3). 20-way reuses
+#: it without a pilot of its own.
+REPTILE_INNER_LR = {5: 2.0, 20: 2.0}
 
 
 def nichol_protocol(ways: int, shots: int) -> TrainConfig:
