@@ -224,3 +224,44 @@ def test_evaluation_uses_test_queries():
     problem.tasks["test"] = type("Recording", (), {"sample": staticmethod(recording_sample)})()
     training.evaluate(config, gbml.parameters_of(problem.model), problem, num_tasks=20)
     assert drawn == [3]
+
+
+def test_resume_reads_the_options_from_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """``train --resume RUN_DIR`` with no other option continues a killed run to the same
+    parameters as an uninterrupted run; options that define the run cannot be changed."""
+    options = [*TINY, "--seed", "5", "--inner-lr", "0.02", "--no-progress", "--test-tasks", "0"]
+    assert main(["train", *options, "--out", str(tmp_path / "straight")]) == 0
+
+    real_meta_step, calls = training.meta_step, {"n": 0}
+
+    def crashing_meta_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 15:  # after the checkpoint at iteration 10
+            raise KeyboardInterrupt
+        return real_meta_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "meta_step", crashing_meta_step)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", *options, "--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(training, "meta_step", real_meta_step)
+    capsys.readouterr()
+
+    assert main(["train", "--resume", str(tmp_path / "killed"), "--no-progress", "--test-tasks", "0"]) == 0
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert resumed["iteration"] == 30 and resumed["config"] == straight["config"]
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+
+    capsys.readouterr()
+    assert (
+        main(["train", "--resume", str(tmp_path / "killed"), "--inner-lr", "0.05", "--test-tasks", "0"]) == 2
+    )
+    assert "may change only iterations" in capsys.readouterr().err
+    longer = ["train", "--resume", str(tmp_path / "killed"), "--iterations", "40", "--no-progress"]
+    assert main([*longer, "--test-tasks", "0"]) == 0
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["iteration"] == 40
+    assert main(["train", "--iterations", "5"]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing-here"), "--test-tasks", "0"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err

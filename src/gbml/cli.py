@@ -6,7 +6,8 @@ Examples::
     python -m gbml train --algorithm maml --dataset omniglot --ways 5 --shots 1 --queries 1 \\
         --inner-steps 1 --inner-lr 2.0 --eval-inner-steps 3 --meta-batch 32 --iterations 60000 \\
         --out runs/omni-5w1s     # Finn et al.'s protocol (their α = 0.4 on Σ CE/K is 2.0 here)
-    python -m gbml train ... --resume          # continue runs/.../last.pt
+    python -m gbml train --resume runs/omni-5w1s   # continue it, options read from its last.pt
+    python -m gbml train --resume runs/omni-5w1s --iterations 80000   # ... and make it longer
     python -m gbml export runs/omni-5w1s     # final.pt and run.json, for sharing
     python -m gbml evaluate --checkpoint runs/omni-5w1s/final.pt --tasks 600
     python -m gbml pretrain --out runs/pretrained.pt   # the joint-training baseline
@@ -18,6 +19,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from gbml.errors import ConvergenceError, DivergenceError
 from gbml.training import (
@@ -27,6 +29,7 @@ from gbml.training import (
     evaluate,
     export_run,
     load_checkpoint,
+    resumed_config,
     train,
 )
 
@@ -36,8 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = TrainConfig()
     run = commands.add_parser("train", help="meta-train, with periodic validation and checkpoints")
-    run.add_argument("--algorithm", choices=ALGORITHMS, default=defaults.algorithm)
-    run.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
+    # Options default to "not given" (SUPPRESS), so that a resumed run can tell what was asked for.
+    run.add_argument(
+        "--algorithm", choices=ALGORITHMS, default=argparse.SUPPRESS, help=f"(default: {defaults.algorithm})"
+    )
+    run.add_argument(
+        "--dataset", choices=DATASETS, default=argparse.SUPPRESS, help=f"(default: {defaults.dataset})"
+    )
     helps = {
         "ways": "classes per task (Omniglot)",
         "shots": "support examples (per class for Omniglot)",
@@ -67,11 +75,23 @@ def _parser() -> argparse.ArgumentParser:
         if f.name in ("algorithm", "dataset"):
             continue
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], int)
+        default = getattr(defaults, f.name)
         run.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name), help=helps[f.name]
+            f"--{f.name.replace('_', '-')}",
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=helps[f.name] + ("" if default is None else f" (default: {default})"),
         )
-    run.add_argument("--out", required=True, help="output folder for checkpoints and history.json")
-    run.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    run.add_argument("--out", help="output folder for checkpoints and history.json")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_DIR",
+        help="continue the run saved in RUN_DIR (or --out), with the options saved in its checkpoint; "
+        "only --iterations, --device and --batched may be given, to change them",
+    )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument(
         "--test-tasks", type=int, default=600, help="meta-test tasks evaluated at the end (0: none)"
@@ -108,12 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-            config = TrainConfig(**values)
-            history = train(config, args.out, resume=args.resume, progress=not args.no_progress)
-            summary = {"out": args.out, "final_validation": history["val"][-1] if history["val"] else None}
+            given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+            out = args.resume if isinstance(args.resume, str) else args.out
+            if out is None:
+                raise ValueError("train needs --out (a new run's folder) or --resume RUN_DIR")
+            if isinstance(args.resume, str) and args.out is not None and args.out != args.resume:
+                raise ValueError(f"--out {args.out} and --resume {args.resume} name different runs")
+            if args.resume and ((Path(out) / "last.pt").exists() or not given):
+                config = resumed_config(out, given)  # (with no checkpoint and no options: an error)
+            else:
+                config = TrainConfig(**given)
+            history = train(config, out, resume=bool(args.resume), progress=not args.no_progress)
+            summary = {"out": out, "final_validation": history["val"][-1] if history["val"] else None}
             if args.test_tasks:
-                _, problem, params = load_checkpoint(f"{args.out}/best.pt", config.device)
+                _, problem, params = load_checkpoint(f"{out}/best.pt", config.device)
                 summary["test"] = evaluate(config, params, problem, num_tasks=args.test_tasks)
         elif args.command == "pretrain":
             from gbml.baselines import PretrainConfig, pretrain, save_pretrained

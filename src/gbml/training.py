@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,30 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def resumed_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The configuration of the run saved in ``run_dir/last.pt``, for continuing it.
+
+    ``overrides`` may change the options of :data:`EXECUTION_OPTIONS` (how long and how the run
+    goes on); any other option given must equal the saved value, or this raises ``ValueError``
+    naming the differences."""
+    last = Path(run_dir) / "last.pt"
+    if not last.exists():
+        raise FileNotFoundError(f"no checkpoint at {last}: nothing to resume")
+    saved = TrainConfig.from_dict(torch.load(last, map_location="cpu", weights_only=True)["config"])
+    overrides = overrides or {}
+    conflicting = {
+        name: (getattr(saved, name), value)
+        for name, value in overrides.items()
+        if name not in EXECUTION_OPTIONS and getattr(saved, name) != value
+    }
+    if conflicting:
+        raise ValueError(
+            f"{last} was written with other options (saved, given): {conflicting}; a resumed run may "
+            f"change only {', '.join(EXECUTION_OPTIONS)}"
+        )
+    return replace(saved, **{k: v for k, v in overrides.items() if k in EXECUTION_OPTIONS})
 
 
 def reference_inner_lr(alpha: float, ways: int) -> float:

@@ -9,8 +9,9 @@ from L > 1 (see the book's Reptile chapter for the Taylor expansion).
 
 Nichol et al. take each inner step on a *minibatch* of D_t (``inner_batch``): step k uses the
 k-th block of ``inner_batch`` examples, cycling (Nichol et al. choose L · inner_batch equal to the
-task's number of examples: one pass over its data). The examples are first put in class-interleaved order (the first drawing of every
-class, then the second, ...), so each minibatch holds every class about equally often.
+task's number of examples: one pass over its data). The examples are first put in class-interleaved
+order (the first drawing of every class, then the second, ...), so each minibatch holds every class
+about equally often.
 """
 
 from __future__ import annotations
