@@ -70,6 +70,32 @@ def test_native_batch_norm_is_refused_on_the_vmap_path(generator):
     assert gbml.choose_batched(loss, clone_params(model), "auto") is False
 
 
+def test_running_statistics_get_gbmls_error_and_the_advice_works(generator):
+    """A default torch.nn batch norm updates running statistics in place, which torch.func
+    refuses on the loop path too: gbml says so and names the two ways out, which both work."""
+    tracking = native_batch_norm_net()
+    tracking[1] = nn.BatchNorm2d(4).double()  # track_running_stats=True, the default
+    tasks = make_classification_task(generator, image_size=8, num_tasks=2)
+    for batched in (True, False, "auto"):
+        with pytest.raises(ValueError, match="track_running_stats=False and pass batched=False"):
+            gbml.meta_gradient(
+                gbml.MAML(0.1),
+                gbml.make_loss(tracking, F.cross_entropy),
+                clone_params(tracking),
+                tasks,
+                batched=batched,
+            )
+    untracked = native_batch_norm_net()  # the advice: track_running_stats=False, batched=False
+    result, _ = gbml.meta_gradient(
+        gbml.MAML(0.1),
+        gbml.make_loss(untracked, F.cross_entropy),
+        clone_params(untracked),
+        tasks,
+        batched=False,
+    )
+    assert all(torch.isfinite(g).all() for g in result.values())
+
+
 def test_composite_batch_norm_matches_torch_in_the_forward_pass(generator):
     bn = gbml.CompositeBatchNorm2d(6).double()
     with torch.no_grad():

@@ -19,7 +19,7 @@ from torch.func import vmap
 from gbml.adapt import LossFn
 from gbml.algorithms.base import MetaAlgorithm, TaskInfo
 from gbml.errors import DivergenceError
-from gbml.models import ModelLoss, has_convolutions, has_native_batch_norm
+from gbml.models import ModelLoss, has_convolutions, has_native_batch_norm, has_running_statistics
 from gbml.params import Params, detached
 from gbml.tasks import Task, check_task
 
@@ -39,6 +39,13 @@ def choose_batched(loss: LossFn, phi: Mapping[str, Tensor], batched: Batched = "
     """
     model = loss.model if isinstance(loss, ModelLoss) else None
     native_bn = model is not None and has_native_batch_norm(model)
+    if native_bn and has_running_statistics(model):
+        raise ValueError(
+            "this model contains a torch.nn batch norm layer that updates running statistics in "
+            "training mode, an in-place update that torch.func's transforms refuse on every path. "
+            "Use gbml.models.CompositeBatchNorm2d (batch statistics, exact second order, batchable), "
+            "or construct the layer with track_running_stats=False and pass batched=False."
+        )
     if batched == "auto":
         if native_bn:
             return False
@@ -51,7 +58,7 @@ def choose_batched(loss: LossFn, phi: Mapping[str, Tensor], batched: Batched = "
         raise ValueError(
             "this model contains a torch.nn batch norm layer, whose vmap rule gives wrong "
             "second-order gradients (about 1% relative error, silently). Use "
-            "gbml.models.CompositeBatchNorm2d in the model, or pass batched=False."
+            "gbml.models.CompositeBatchNorm2d in the model, or pass batched=False (the per-task loop)."
         )
     return batched
 

@@ -227,6 +227,15 @@ def has_native_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def has_running_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` has a ``torch.nn`` batch norm that would update its running statistics
+    in place when called (training mode with ``track_running_stats=True``)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+        for m in model.modules()
+    )
+
+
 def has_convolutions(model: nn.Module) -> bool:
     """Whether ``model`` contains a convolution (slow batched over tasks on CPUs)."""
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())

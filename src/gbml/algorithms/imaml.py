@@ -103,10 +103,9 @@ class IMAML(MetaAlgorithm):
         message = (
             f"iMAML's conjugate gradient missed its tolerance on {int(failed.sum())} of "
             f"{residual.numel()} tasks: relative residual up to {float(residual.max()):.3g} after "
-            f"cg_steps={self.cg_steps} (cg_tol={self.cg_tol:g}). Raise cg_steps, raise lam or "
-            f"damping (a better conditioned system), or pass on_cg_failure='warn' to accept "
-            f"truncated solves."
+            f"cg_steps={self.cg_steps} (cg_tol={self.cg_tol:g}). Raise cg_steps, or raise lam or "
+            f"damping (a better conditioned system)"
         )
         if self.on_cg_failure == "raise":
-            raise ConvergenceError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+            raise ConvergenceError(message + ", or pass on_cg_failure='warn' to accept truncated solves.")
+        warnings.warn(message + ".", RuntimeWarning, stacklevel=3)
