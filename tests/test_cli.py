@@ -265,3 +265,24 @@ def test_resume_reads_the_options_from_the_checkpoint(tmp_path, capsys, monkeypa
     assert "needs --out" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing-here"), "--test-tasks", "0"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_options_come_from_one_table_with_help_and_choices(capsys, monkeypatch):
+    from dataclasses import fields
+
+    from gbml.cli import TRAIN_OPTIONS
+
+    assert set(TRAIN_OPTIONS) == {f.name for f in fields(TrainConfig)}
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "{auto,true,false,compile}" in text and "{stride,max_pool}" in text and "--data-dir" in text
+    assert "``" not in text
+    with pytest.raises(SystemExit):
+        main(["train", "--batched", "sometimes", "--out", "x"])
+    assert "invalid choice" in capsys.readouterr().err
+    monkeypatch.setenv("GBML_DATA_DIR", "elsewhere")  # restored after the test
+    assert main(["evaluate", "--checkpoint", "no-such.pt", "--data-dir", "my-data"]) == 2
+    import os
+
+    assert os.environ["GBML_DATA_DIR"] == "my-data"

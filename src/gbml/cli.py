@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from gbml.errors import ConvergenceError, DivergenceError
+from gbml.omniglot import DATA_DIR_ENV
 from gbml.training import (
     ALGORITHMS,
+    BATCHED,
     DATASETS,
+    NETWORKS,
+    OUTER_OPTIMIZERS,
     TrainConfig,
     evaluate,
     export_run,
@@ -33,54 +38,67 @@ from gbml.training import (
     train,
 )
 
+#: Every TrainConfig field's command-line option: (type, help, choices). The one place to add a
+#: new field's option; a test checks that it covers TrainConfig exactly.
+TRAIN_OPTIONS: dict[str, tuple[type, str, tuple[str, ...] | None]] = {
+    "algorithm": (str, "the meta-learning algorithm", ALGORITHMS),
+    "dataset": (str, "the task family", DATASETS),
+    "ways": (int, "classes per task (Omniglot)", None),
+    "shots": (int, "support examples (per class for Omniglot)", None),
+    "queries": (int, "query examples (per class for Omniglot)", None),
+    "inner_steps": (int, "inner gradient steps L during meta-training", None),
+    "inner_lr": (float, "inner step size α, on the mean loss", None),
+    "outer_lr": (float, "the outer optimizer's step size for the meta-parameters", None),
+    "meta_batch": (int, "tasks per meta-iteration", None),
+    "iterations": (int, "meta-iterations", None),
+    "eval_inner_steps": (int, "inner steps at meta-test time (default: --inner-steps)", None),
+    "lam": (float, "iMAML's λ", None),
+    "cg_steps": (int, "iMAML's conjugate-gradient steps", None),
+    "cg_tol": (float, "iMAML's CG tolerance (relative residual; a miss warns)", None),
+    "damping": (float, "iMAML's damping δ: solve ((1 + δ)I + H/λ)x = g", None),
+    "seed": (int, "seed of the initialisation and of task sampling", None),
+    "device": (str, "auto (a GPU if there is one), cpu, cuda or cuda:N", None),
+    "validate_every": (int, "meta-iterations between validations (and checkpoints)", None),
+    "validation_tasks": (int, "tasks per validation", None),
+    "batched": (str, "vmap over tasks (true), loop (false), vmap through torch.compile, or auto", BATCHED),
+    "network": (str, "Omniglot network: Finn et al.'s strided net, or the max-pooling one", NETWORKS),
+    "test_queries": (int, "query examples per class at validation and meta-test (default: --queries)", None),
+    "outer_optimizer": (
+        str,
+        "outer optimizer (sgd with Reptile: φ moves outer-lr of the way to θ_t)",
+        OUTER_OPTIMIZERS,
+    ),
+    "outer_lr_final": (float, "anneal the outer step size linearly to this over --iterations", None),
+    "inner_batch": (int, "Reptile: each inner step on the next INNER_BATCH examples (default: all)", None),
+}
+
+
+def _data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        help="folder holding omniglot/ with the two zips (default: $GBML_DATA_DIR, then the cache)",
+    )
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gbml", description=__doc__.split("\n")[0])
+    description = __doc__.split("\n")[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="python -m gbml", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = TrainConfig()
     run = commands.add_parser("train", help="meta-train, with periodic validation and checkpoints")
-    # Options default to "not given" (SUPPRESS), so that a resumed run can tell what was asked for.
-    run.add_argument(
-        "--algorithm", choices=ALGORITHMS, default=argparse.SUPPRESS, help=f"(default: {defaults.algorithm})"
-    )
-    run.add_argument(
-        "--dataset", choices=DATASETS, default=argparse.SUPPRESS, help=f"(default: {defaults.dataset})"
-    )
-    helps = {
-        "ways": "classes per task (Omniglot)",
-        "shots": "support examples (per class for Omniglot)",
-        "queries": "query examples (per class for Omniglot)",
-        "inner_steps": "inner gradient steps L during meta-training",
-        "inner_lr": "inner step size α",
-        "outer_lr": "Adam's step size for the meta-parameters",
-        "meta_batch": "tasks per meta-iteration",
-        "iterations": "meta-iterations",
-        "eval_inner_steps": "inner steps at meta-test time (default: --inner-steps)",
-        "lam": "iMAML's λ",
-        "cg_steps": "iMAML's conjugate-gradient steps",
-        "cg_tol": "iMAML's CG tolerance (relative residual; a miss warns)",
-        "damping": "iMAML's damping δ: solve ((1 + δ)I + H/λ)x = g",
-        "seed": "seed of the initialisation and of task sampling",
-        "device": "auto (a GPU if there is one), cpu or cuda",
-        "validate_every": "meta-iterations between validations (and checkpoints)",
-        "validation_tasks": "tasks per validation",
-        "batched": "vmap over tasks: auto, true, false, or compile (vmap through torch.compile)",
-        "network": "Omniglot network: stride (Finn et al.'s Omniglot net, default) or max_pool",
-        "test_queries": "query examples per class at validation and meta-test (default: --queries)",
-        "outer_optimizer": "adam or sgd (SGD with Reptile: φ moves a fraction outer-lr towards θ_t)",
-        "inner_batch": "Reptile: each inner step on the next INNER_BATCH examples of the task (default: all)",
-        "outer_lr_final": "anneal the outer step size linearly to this over --iterations (default: constant)",
-    }
+    missing = {f.name for f in fields(TrainConfig)} ^ set(TRAIN_OPTIONS)
+    if missing:
+        raise RuntimeError(f"gbml.cli.TRAIN_OPTIONS and TrainConfig differ in {sorted(missing)}")
     for f in fields(TrainConfig):
-        if f.name in ("algorithm", "dataset"):
-            continue
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], int)
+        kind, help_text, choices = TRAIN_OPTIONS[f.name]
         default = getattr(defaults, f.name)
+        # Options default to "not given" (SUPPRESS), so that a resumed run can tell what was asked for.
         run.add_argument(
             f"--{f.name.replace('_', '-')}",
             type=kind,
+            choices=choices,
             default=argparse.SUPPRESS,
-            help=helps[f.name] + ("" if default is None else f" (default: {default})"),
+            help=help_text + ("" if default is None else f" (default: {default})"),
         )
     run.add_argument("--out", help="output folder for checkpoints and history.json")
     run.add_argument(
@@ -116,16 +134,22 @@ def _parser() -> argparse.ArgumentParser:
     joint.add_argument("--seed", type=int, default=0, help="initialisation and batches")
     joint.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
     test = commands.add_parser("evaluate", help="mean metric ± 95%% CI over meta-test tasks")
-    test.add_argument("--checkpoint", required=True)
-    test.add_argument("--tasks", type=int, default=600)
-    test.add_argument("--split", choices=("train", "val", "test"), default="test")
-    test.add_argument("--seed", type=int, default=12345)
-    test.add_argument("--device", default="auto")
+    test.add_argument("--checkpoint", required=True, help="a final.pt, best.pt or last.pt written by train")
+    test.add_argument("--tasks", type=int, default=600, help="tasks to adapt to and score (default: 600)")
+    test.add_argument(
+        "--split", choices=("train", "val", "test"), default="test", help="whose classes (default: test)"
+    )
+    test.add_argument("--seed", type=int, default=12345, help="seed of the tasks (default: 12345)")
+    test.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    for command in (run, export, joint, test):
+        _data_dir_option(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.data_dir is not None:  # read by gbml.load_omniglot, in this process only
+        os.environ[DATA_DIR_ENV] = args.data_dir
     try:
         if args.command == "train":
             given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}

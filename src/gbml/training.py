@@ -36,6 +36,8 @@ from gbml.tasks import SinusoidTasks, Task
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 DATASETS = ("sinusoid", "omniglot")
 NETWORKS = ("stride", "max_pool")
+BATCHED = ("auto", "true", "false", "compile")  # TrainConfig.batched: strings, as on the command line
+OUTER_OPTIMIZERS = ("adam", "sgd")
 #: The options a resumed run may change: its length, and where and along which code path it runs
 #: (every path computes the same meta-gradient up to rounding; the test suite checks this).
 EXECUTION_OPTIONS = ("iterations", "device", "batched")
@@ -108,7 +110,7 @@ class TrainConfig:
             or self.test_queries < 1
         ):
             raise ValueError(f"test_queries must be a positive integer or None, got {self.test_queries!r}")
-        if self.outer_optimizer not in ("adam", "sgd"):
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise ValueError(f"outer_optimizer must be 'adam' or 'sgd', got {self.outer_optimizer!r}")
         if self.outer_lr_final is not None and not self.outer_lr_final >= 0:
             raise ValueError(f"outer_lr_final must be non-negative or None, got {self.outer_lr_final!r}")
@@ -116,7 +118,7 @@ class TrainConfig:
             raise ValueError(f"inner_batch is Reptile's (minibatch inner steps), not {self.algorithm}'s")
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
-        if self.batched not in ("auto", "true", "false", "compile"):
+        if self.batched not in BATCHED:
             raise ValueError(f"batched must be 'auto', 'true', 'false' or 'compile', got {self.batched!r}")
         self.make_algorithm()  # validates inner_lr, inner_steps, lam, cg_steps
 
@@ -344,7 +346,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
     start = 0
     last = out_dir / "last.pt"
     if resume and last.exists():
-        state = torch.load(last, map_location=device, weights_only=False)
+        state = torch.load(last, map_location=device, weights_only=True)
         # Only how long and how it runs may change (a finished run may be extended, or moved to
         # another device or code path); everything that defines the problem must match.
         requested = asdict(config)
@@ -436,7 +438,7 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> tuple[TrainConfig
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     config = TrainConfig.from_dict(state["config"])
     target = resolve_device(device)
     problem = make_problem(config, target)
@@ -469,7 +471,7 @@ def export_run(run_dir: str | Path, *, test_tasks: int = 600, device: str = "cpu
     last = run_dir / "last.pt"
     if not last.exists():
         raise FileNotFoundError(f"no checkpoint at {last}: train the run first")
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = torch.load(last, map_location="cpu", weights_only=True)
     config, history, iteration = TrainConfig.from_dict(state["config"]), state["history"], state["iteration"]
     save_checkpoint(
         run_dir / "final.pt", {"config": state["config"], "iteration": iteration, "model": state["model"]}
