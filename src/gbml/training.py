@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from gbml.adapt import LossFn, proximal_task_adapt, task_adapt
+from gbml.adapt import LossFn
 from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
 from gbml.compiled import CompiledMetaStep
 from gbml.meta import MetaStepResult, choose_batched, meta_step
@@ -246,15 +246,10 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
 
 
 def adapt_for_evaluation(algorithm: MetaAlgorithm, loss: LossFn, phi: Params, task: Task) -> Params:
-    """Meta-test adaptation: the algorithm's own TASK_ADAPT on the support set only (iMAML's is
-    proximal; Reptile's uses only the support set here, since a test task's query set is unseen)."""
-    if isinstance(algorithm, IMAML):
-        return proximal_task_adapt(
-            loss, phi, *task.support, lam=algorithm.lam, lr=algorithm.inner_lr, steps=algorithm.inner_steps
-        )
-    return task_adapt(
-        loss, phi, *task.support, lr=algorithm.inner_lr, steps=algorithm.inner_steps, differentiable=False
-    )
+    """Meta-test adaptation: the algorithm's own TASK_ADAPT (``algorithm.adapt``) on the support
+    set only (iMAML's is proximal; Reptile's uses only the support set, since a test task's query
+    set is unseen)."""
+    return algorithm.adapt(loss, phi, *task.support)
 
 
 def evaluate_tasks(

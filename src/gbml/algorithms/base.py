@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from gbml.adapt import LossFn, check_learning_rate, check_steps
+from gbml.adapt import LossFn, check_learning_rate, check_steps, task_adapt
 from gbml.params import Params
 from gbml.tasks import Task
 
@@ -37,6 +37,10 @@ class MetaAlgorithm(ABC):
 
         Must be free of data-dependent Python control flow so that ``vmap`` can batch it.
         """
+
+    @abstractmethod
+    def adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> Params:
+        """TASK_ADAPT at meta-test time: θ from φ and a support set, cut from the graph."""
 
     def diagnose(self, info: TaskInfo) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Inspect a batch's diagnostics after the fact and raise if something went wrong.
@@ -58,3 +62,8 @@ class GradientStepAlgorithm(MetaAlgorithm):
     def __post_init__(self) -> None:
         check_learning_rate("inner_lr", self.inner_lr)
         check_steps("inner_steps", self.inner_steps)
+
+    def adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> Params:
+        """L plain gradient steps of α on the support set (Reptile's too: at test the query set is
+        unseen)."""
+        return task_adapt(loss, phi, x, y, lr=self.inner_lr, steps=self.inner_steps, differentiable=False)

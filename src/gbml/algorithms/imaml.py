@@ -68,10 +68,12 @@ class IMAML(MetaAlgorithm):
         if self.on_cg_failure not in ("raise", "warn"):
             raise ValueError(f"on_cg_failure must be 'raise' or 'warn', got {self.on_cg_failure!r}")
 
+    def adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> Params:
+        """The proximal inner problem, solved by L gradient steps (the same TASK_ADAPT as training)."""
+        return proximal_task_adapt(loss, phi, x, y, lam=self.lam, lr=self.inner_lr, steps=self.inner_steps)
+
     def task_delta(self, loss: LossFn, phi: Params, task: Task) -> tuple[Params, TaskInfo]:
-        theta = proximal_task_adapt(
-            loss, phi, *task.support, lam=self.lam, lr=self.inner_lr, steps=self.inner_steps
-        )
+        theta = self.adapt(loss, phi, *task.support)
         query_gradient, query_loss = grad_and_value(loss)(theta, *task.query)
 
         # H = ∇²ℓ_train(θ_t) is applied cg_steps + 1 times at the same θ_t: linearise ∇ℓ_train once.
