@@ -36,3 +36,61 @@ def test_runtime_dependencies_are_what_the_library_imports():
     imported = {DISTRIBUTION.get(name, name).lower() for name in third_party_imports()}
     assert imported == {"torch", "tqdm", "pillow"}  # a new import must be declared, and vice versa
     assert declared_dependencies() == imported
+
+
+def test_the_sdist_builds_a_wheel_that_installs_and_runs(tmp_path):
+    """``python -m build`` makes an sdist and, from it, a wheel; the wheel installs into a fresh
+    virtual environment, where ``import gbml`` finds the installed copy and ``python -m gbml
+    --help`` runs. Offline: the build uses this environment's setuptools (--no-isolation), and the
+    new environment borrows this one's torch, tqdm and Pillow instead of downloading them."""
+    import site
+    import subprocess
+    import venv
+
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (sdist,), (wheel,) = sorted(dist.glob("gbml-*.tar.gz")), sorted(dist.glob("gbml-*.whl"))
+    assert sdist.stat().st_size > 0
+
+    env = tmp_path / "env"
+    venv.create(env, with_pip=False)
+    python = env / "bin" / "python"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(purelib) / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+
+    probe = (
+        "import gbml, importlib.metadata as m; print(gbml.__file__); "
+        "print(sorted(r.split('>')[0].split(';')[0].strip().lower() "
+        "for r in m.requires('gbml') if 'extra' not in r))"
+    )
+    shown = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True).stdout
+    location, requires = shown.splitlines()
+    assert location.startswith(str(env)), location  # the installed copy, not the source tree
+    assert requires == str(["pillow", "torch", "tqdm"])
+    helped = subprocess.run([str(python), "-m", "gbml", "--help"], check=True, capture_output=True, text=True)
+    assert "meta-train and meta-test" in helped.stdout
