@@ -30,22 +30,28 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert evaluation["ci95"] > 0 and math.isfinite(evaluation["mean"])
 
 
-def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    config = TrainConfig(dataset="sinusoid", iterations=30, validate_every=10, validation_tasks=20, seed=3)
-    training.train(config, tmp_path / "straight", progress=False)
-
+def killed_at(monkeypatch, iteration, run):
+    """Run ``run()`` with training killed (KeyboardInterrupt) at meta-iteration ``iteration``."""
     real_meta_step, calls = training.meta_step, {"n": 0}
 
     def crashing_meta_step(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 25:  # after the checkpoint at iteration 20
+        if calls["n"] == iteration:
             raise KeyboardInterrupt
         return real_meta_step(*args, **kwargs)
 
     monkeypatch.setattr(training, "meta_step", crashing_meta_step)
     with pytest.raises(KeyboardInterrupt):
-        training.train(config, tmp_path / "interrupted", progress=False)
+        run()
     monkeypatch.setattr(training, "meta_step", real_meta_step)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    config = TrainConfig(dataset="sinusoid", iterations=30, validate_every=10, validation_tasks=20, seed=3)
+    training.train(config, tmp_path / "straight", progress=False)
+
+    # killed after the checkpoint at iteration 20
+    killed_at(monkeypatch, 25, lambda: training.train(config, tmp_path / "interrupted", progress=False))
     with pytest.raises(FileExistsError, match="--resume"):
         training.train(config, tmp_path / "interrupted", progress=False)
     training.train(config, tmp_path / "interrupted", resume=True, progress=False)
@@ -232,18 +238,8 @@ def test_resume_reads_the_options_from_the_checkpoint(tmp_path, capsys, monkeypa
     options = [*TINY, "--seed", "5", "--inner-lr", "0.02", "--no-progress", "--test-tasks", "0"]
     assert main(["train", *options, "--out", str(tmp_path / "straight")]) == 0
 
-    real_meta_step, calls = training.meta_step, {"n": 0}
-
-    def crashing_meta_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 15:  # after the checkpoint at iteration 10
-            raise KeyboardInterrupt
-        return real_meta_step(*args, **kwargs)
-
-    monkeypatch.setattr(training, "meta_step", crashing_meta_step)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", *options, "--out", str(tmp_path / "killed")])
-    monkeypatch.setattr(training, "meta_step", real_meta_step)
+    # killed after the checkpoint at iteration 10
+    killed_at(monkeypatch, 15, lambda: main(["train", *options, "--out", str(tmp_path / "killed")]))
     capsys.readouterr()
 
     assert main(["train", "--resume", str(tmp_path / "killed"), "--no-progress", "--test-tasks", "0"]) == 0
