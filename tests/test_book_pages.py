@@ -74,6 +74,8 @@ def test_chapter_notebook_structure(path):
     # then the papermill parameters, with the device chosen at run time
     assert "parameters" in parameters.metadata.get("tags", [])
     assert re.search(r'^device = "auto"', parameters.source, re.MULTILINE), parameters.source
+    # and no second, injected one: papermill's values live in the notebook's metadata
+    assert not [c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", [])]
 
     # exercises, with solutions folded in dropdowns and at least one solution checked by an assert
     markdown = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
