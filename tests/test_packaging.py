@@ -94,3 +94,51 @@ def test_the_sdist_builds_a_wheel_that_installs_and_runs(tmp_path):
     assert requires == str(["pillow", "torch", "tqdm"])
     helped = subprocess.run([str(python), "-m", "gbml", "--help"], check=True, capture_output=True, text=True)
     assert "meta-train and meta-test" in helped.stdout
+
+
+def gbml_imports() -> dict[str, set[str]]:
+    """Module -> the gbml modules it imports (module level or inside functions)."""
+    package = ROOT / "src" / "gbml"
+    graph = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("gbml")
+            ):
+                targets.add(node.module)
+                targets |= {f"{node.module}.{alias.name}" for alias in node.names}  # submodules
+            elif isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names if alias.name.startswith("gbml")}
+        graph[module] = targets
+    return {module: {t for t in targets if t in graph and t != module} for module, targets in graph.items()}
+
+
+def test_no_import_cycle_and_no_private_cross_module_imports():
+    graph = gbml_imports()
+    graph["gbml"] = set()  # the package's __init__ re-exports; submodules importing it is the cycle risk
+    state: dict[str, str] = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            assert state.get(target) != "open", "import cycle: " + " -> ".join([*path, module, target])
+            if target not in state:
+                visit(target, [*path, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    private = []
+    for path in (ROOT / "src" / "gbml").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gbml"):
+                private += [
+                    f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                ]
+    assert not private, private

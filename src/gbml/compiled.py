@@ -33,13 +33,8 @@ from torch import Tensor
 
 from gbml.adapt import LossFn
 from gbml.algorithms.base import MetaAlgorithm, TaskInfo
-from gbml.meta import (
-    MetaStepResult,
-    apply_meta_gradient,
-    choose_batched,
-    mean_delta_unchecked,
-    raise_if_not_finite,
-)
+from gbml.errors import raise_if_not_finite
+from gbml.meta import MetaStepResult, apply_meta_gradient, choose_batched, mean_delta_unchecked
 from gbml.params import Params, detached
 from gbml.tasks import Task, check_task
 

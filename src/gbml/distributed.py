@@ -12,22 +12,11 @@ convergence check sees the diagnostics of the whole meta-batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gbml.adapt import LossFn
-from gbml.algorithms.base import MetaAlgorithm, TaskInfo
-from gbml.meta import (
-    Batched,
-    _checked_inputs,
-    choose_batched,
-    non_finite_entries,
-    per_task_deltas,
-    raise_if_not_finite,
-)
+from gbml.errors import non_finite_entries
 from gbml.params import Params
 from gbml.tasks import Task
 
@@ -53,40 +42,30 @@ def shard(tasks: Task, rank: int | None = None, world_size: int | None = None) -
     return Task(*(t[rank * per_rank : (rank + 1) * per_rank] for t in tasks))
 
 
-def meta_gradient(
-    algorithm: MetaAlgorithm,
-    loss: LossFn,
-    phi: Mapping[str, Tensor],
-    tasks: Task,
-    *,
-    batched: Batched = "auto",
-) -> tuple[Params, TaskInfo]:
-    """The meta-gradient over the union of every process's ``tasks`` (equal shares).
+def mean_over_processes(deltas: Params, info: dict[str, Tensor]) -> tuple[Params, dict[str, Tensor], Tensor]:
+    """The mean Δ over the union of every process's tasks (equal shares), from this process's
+    per-task ``deltas`` (leading task axis); the diagnostics of the whole meta-batch, in rank
+    order; and the number of non-finite entries over all processes (a 0-d tensor).
 
-    Returns the global mean Δ (identical on all processes) and the diagnostics of the whole
-    meta-batch, in rank order.
+    What :func:`gbml.meta_gradient` does with ``distributed=True``: one all-reduce carries the
+    sums of Δ and the count of non-finite values, flattened together.
     """
     _, world_size = _world()
-    phi = _checked_inputs(phi, tasks)
-    deltas, local_info = per_task_deltas(
-        algorithm, loss, phi, tasks, batched=choose_batched(loss, phi, batched)
-    )
-    # One all-reduce for the sums of Δ and the count of non-finite values, flattened together.
     names = list(deltas)
+    local_tasks = deltas[names[0]].shape[0]
     sums = [deltas[name].sum(dim=0).reshape(-1) for name in names]
-    bad = non_finite_entries(deltas, local_info).to(sums[0].dtype).reshape(1)
+    bad = non_finite_entries(deltas, info).to(sums[0].dtype).reshape(1)
     packed = torch.cat([*sums, bad])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    info = {key: _all_gather(value, world_size) for key, value in local_info.items()}
-    total_tasks = tasks.num_tasks * world_size
+    gathered = {key: _all_gather(value, world_size) for key, value in info.items()}
+    total_tasks = local_tasks * world_size
     mean, start = {}, 0
     for name in names:
-        size = phi[name].numel()
-        mean[name] = (packed[start : start + size] / total_tasks).reshape(phi[name].shape)
+        shape = deltas[name].shape[1:]
+        size = deltas[name][0].numel()
+        mean[name] = (packed[start : start + size] / total_tasks).reshape(shape)
         start += size
-    raise_if_not_finite(mean, info, bad_count=packed[-1])
-    algorithm.diagnose(info)
-    return mean, info
+    return mean, gathered, packed[-1]
 
 
 def _all_gather(value: Tensor, world_size: int) -> Tensor:

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from gbml.adapt import LossFn
 from gbml.algorithms.base import MetaAlgorithm
-from gbml.meta import MetaStepResult, choose_batched, mean_delta_unchecked, raise_if_not_finite
+from gbml.errors import raise_if_not_finite
+from gbml.meta import MetaStepResult, choose_batched, mean_delta_unchecked
 from gbml.params import detached
 from gbml.tasks import Task, check_task
 

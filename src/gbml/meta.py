@@ -18,7 +18,8 @@ from torch.func import vmap
 
 from gbml.adapt import LossFn
 from gbml.algorithms.base import MetaAlgorithm, TaskInfo
-from gbml.errors import DivergenceError
+from gbml.distributed import mean_over_processes
+from gbml.errors import non_finite_entries, raise_if_not_finite
 from gbml.models import ModelLoss, has_convolutions, has_native_batch_norm, has_running_statistics
 from gbml.params import Params, detached
 from gbml.tasks import Task, check_task
@@ -70,6 +71,7 @@ def meta_gradient(
     tasks: Task,
     *,
     batched: Batched = "auto",
+    distributed: bool = False,
 ) -> tuple[Params, TaskInfo]:
     """The meta-gradient (1/T) Σ_t Δ_t over a batch of T tasks, and per-task diagnostics.
 
@@ -80,6 +82,10 @@ def meta_gradient(
         tasks: a batch of tasks, every tensor with a leading task axis.
         batched: ``True`` for the vmap path, ``False`` for the per-task loop, ``"auto"`` to
             choose by device (see :func:`choose_batched`).
+        distributed: inside an initialised ``torch.distributed`` process group, ``tasks`` is
+            this process's share of the meta-batch and the mean is over every process's tasks
+            (one all-reduce, see :mod:`gbml.distributed`); the diagnostics are then the whole
+            meta-batch's, in rank order, and errors are raised on every process alike.
 
     Returns:
         ``(delta, info)``: the mean Δ as a parameter dictionary, and a dictionary of per-task
@@ -90,11 +96,15 @@ def meta_gradient(
         DivergenceError: a loss or Δ_t is NaN or infinite.
         ConvergenceError: (iMAML) a conjugate-gradient solve missed its tolerance.
     """
-    phi = _checked_inputs(phi, tasks)
+    phi = checked_inputs(phi, tasks)
     deltas, info = per_task_deltas(algorithm, loss, phi, tasks, batched=choose_batched(loss, phi, batched))
-    raise_if_not_finite(deltas, info)
+    if distributed:
+        mean, info, bad_count = mean_over_processes(deltas, info)
+    else:
+        mean, bad_count = {name: d.mean(dim=0) for name, d in deltas.items()}, None
+    raise_if_not_finite(mean if distributed else deltas, info, bad_count)
     algorithm.diagnose(info)
-    return {name: d.mean(dim=0) for name, d in deltas.items()}, info
+    return mean, info
 
 
 def per_task_deltas(
@@ -115,7 +125,8 @@ def per_task_deltas(
     return deltas, info
 
 
-def _checked_inputs(phi: Mapping[str, Tensor], tasks: Task) -> Params:
+def checked_inputs(phi: Mapping[str, Tensor], tasks: Task) -> Params:
+    """φ cut from any graph, after checking that ``tasks`` is a well-formed batch and φ not empty."""
     check_task(tasks, batched=True)
     if not phi:
         raise ValueError("phi holds no parameters")
@@ -156,14 +167,9 @@ def meta_step(
 
     With ``distributed=True`` (inside an initialised ``torch.distributed`` process group, e.g.
     launched by ``torchrun``), ``tasks`` is this process's share of the meta-batch and the
-    meta-gradient is averaged over all processes (see :func:`gbml.distributed.meta_gradient`).
+    meta-gradient is averaged over all processes (see :func:`meta_gradient`).
     """
-    if distributed:
-        from gbml import distributed as dist_meta  # only needed, and importable, with torch.distributed
-
-        delta, info = dist_meta.meta_gradient(algorithm, loss, params, tasks, batched=batched)
-    else:
-        delta, info = meta_gradient(algorithm, loss, params, tasks, batched=batched)
+    delta, info = meta_gradient(algorithm, loss, params, tasks, batched=batched, distributed=distributed)
     return apply_meta_gradient(params, delta, info, optimizer)
 
 
@@ -185,26 +191,3 @@ def mean_delta_unchecked(
     deltas, info = per_task_deltas(algorithm, loss, phi, tasks, batched=True)
     mean = {name: d.mean(dim=0) for name, d in deltas.items()}
     return mean, info, non_finite_entries(deltas, info)
-
-
-def non_finite_entries(deltas: Params, info: TaskInfo) -> Tensor:
-    """How many of the Δ tensors and floating-point diagnostics hold a NaN or an infinity
-    (a 0-d tensor; computed without synchronising with the host)."""
-    checks = [*deltas.values(), *(v for v in info.values() if v.is_floating_point())]
-    return torch.stack([~torch.isfinite(v).all() for v in checks]).sum()
-
-
-def raise_if_not_finite(deltas: Params, info: TaskInfo, bad_count: Tensor | None = None) -> None:
-    """Raise :class:`~gbml.errors.DivergenceError` if any Δ or loss is NaN or infinite."""
-    if bad_count is None:
-        bad_count = non_finite_entries(deltas, info)
-    if int(bad_count) == 0:
-        return
-    bad = [f"Δ[{name}]" for name, d in deltas.items() if not bool(torch.isfinite(d).all())]
-    bad += [key for key, v in info.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    losses = info["query_loss"].reshape(-1)
-    raise DivergenceError(
-        f"meta-training diverged: {', '.join(bad) or 'another process'} contain NaN or infinite values "
-        f"(query losses of the batch: {losses.tolist()[:8]}{' …' if losses.numel() > 8 else ''}). "
-        "The learning rates are probably too large; φ was left unchanged."
-    )

@@ -61,7 +61,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from gbml.errors import CorruptDataError, MissingDataError
-from gbml.tasks import Task, TaskFamily, _check_counts
+from gbml.tasks import Task, TaskFamily, check_counts
 
 DATA_DIR_ENV = "GBML_DATA_DIR"
 CACHE_DIR_ENV = "GBML_CACHE_DIR"
@@ -437,7 +437,7 @@ class OmniglotTasks(TaskFamily):
     def sample_parameters(self, num_tasks: int, generator: torch.Generator | None = None) -> tuple[Tensor]:
         """Draw ``num_tasks`` tasks' classes: a one-tuple holding an int64 (T, ways) tensor of
         distinct classes per row, column i being the class that gets label i."""
-        _check_counts(num_tasks, 1, 1)
+        check_counts(num_tasks, 1, 1)
         _check_generator(generator)
         # The first N of a random permutation: distinct classes in a random order (the labels).
         scores = torch.rand(num_tasks, self.num_classes, generator=generator, dtype=torch.float64)
@@ -470,7 +470,7 @@ class OmniglotTasks(TaskFamily):
         """The tasks with these classes: ``shots`` support and ``queries`` query drawings per
         class. Images get ``dtype``; labels stay int64. Sampled on the CPU, then moved."""
         classes = self._check_classes(parameters)
-        _check_counts(len(classes), shots, queries)
+        check_counts(len(classes), shots, queries)
         if shots + queries > DRAWINGS:
             raise ValueError(
                 f"shots + queries = {shots} + {queries} is more than the {DRAWINGS} drawings of a character"

@@ -108,7 +108,8 @@ def stack_tasks(tasks: list[Task]) -> Task:
     return Task(*(torch.stack(tensors) for tensors in zip(*tasks)))
 
 
-def _check_counts(num_tasks: int, shots: int, queries: int) -> None:
+def check_counts(num_tasks: int, shots: int, queries: int) -> None:
+    """Raise ValueError unless the task, shot and query counts are positive integers."""
     for name, value in (("num_tasks", num_tasks), ("shots", shots), ("queries", queries)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -145,7 +146,7 @@ class TaskFamily(ABC):
     ) -> Task:
         """A batch of tasks with the given parameters: ``shots`` support and ``queries`` query
         points each."""
-        _check_counts(len(parameters[0]), shots, queries)
+        check_counts(len(parameters[0]), shots, queries)
         x, y = self.draw_data(parameters, shots + queries, generator)
         task = Task(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
         return task.to(device=device, dtype=dtype)
@@ -162,7 +163,7 @@ class TaskFamily(ABC):
     ) -> Task:
         """Draw a batch of ``num_tasks`` new tasks with ``shots`` support and ``queries`` query
         points each."""
-        _check_counts(num_tasks, shots, queries)
+        check_counts(num_tasks, shots, queries)
         parameters = self.sample_parameters(num_tasks, generator)
         return self.make_tasks(parameters, shots, queries, generator, device=device, dtype=dtype)
 
@@ -190,7 +191,7 @@ class SinusoidTasks(TaskFamily):
         self, num_tasks: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """Draw ``num_tasks`` (amplitude, phase) pairs, each a float64 tensor of shape (T,)."""
-        _check_counts(num_tasks, 1, 1)
+        check_counts(num_tasks, 1, 1)
         amplitude = _uniform(self.amplitude_range, (num_tasks,), generator)
         phase = _uniform(self.phase_range, (num_tasks,), generator)
         return amplitude, phase
@@ -230,7 +231,7 @@ class LinearRegressionTasks(TaskFamily):
 
     def sample_parameters(self, num_tasks: int, generator: torch.Generator | None = None) -> tuple[Tensor]:
         """Draw ``num_tasks`` weight vectors: a one-tuple holding a (T, dim) float64 tensor."""
-        _check_counts(num_tasks, 1, 1)
+        check_counts(num_tasks, 1, 1)
         noise = torch.randn(num_tasks, self.dim, generator=generator, dtype=torch.float64)
         return (self.weight_mean + self.weight_std * noise,)
 
