@@ -1,6 +1,6 @@
 """Why the hand-captured CUDA graph disagreed with the loop: a CPU reproduction.
 
-On an H100 (benchmarks/check_gpu.py) every replay of gbml.graphs.GraphedMetaStep gave the same
+On an H100 (benchmarks/check_gpu.py) every replay of benchmarks.graphs.GraphedMetaStep gave the same
 meta-gradient as the eager step at the same φ (1e-15, float64) and applied SGD's update exactly,
 yet over three Adam steps it differed from the loop by up to 2.9e-1. A graph needs Adam with
 ``capturable=True``, which keeps its step count t as a float32 tensor and so computes the bias

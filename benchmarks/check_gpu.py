@@ -1,11 +1,11 @@
 """Correctness of the batched, graphed and compiled paths ON THE GPU (the test suite runs on the CPU).
 
-1. bisection (float64): where the hand-captured CUDA graph (gbml.graphs.GraphedMetaStep) departs
+1. bisection (float64): where the hand-captured CUDA graph (benchmarks.graphs.GraphedMetaStep) departs
    from the eager step: replays on the capture batch, at updated φ, on a new batch, and the
    update it applies (with SGD, whose update is checkable by hand);
 2. float64: vmap path and CUDA-graph step against the per-task loop, all four algorithms, the conv
    net with its batch norm (must agree to 1e-10, as the CPU tests require; the graph is judged
-   with SGD, since capturable Adam's float32 bias corrections move the Adam rows, see gbml.graphs);
+   with SGD, since capturable Adam's float32 bias corrections move the Adam rows, see benchmarks/graphs.py);
 3. compiled (float64): gbml.compiled.CompiledMetaStep, modes "default" and "reduce-overhead"
    (PyTorch's CUDA graphs), against the per-task loop over three steps;
 4. float32 at the benchmark's size (MAML at L = 1 and 5, iMAML): the vmap path against the
@@ -39,9 +39,9 @@ from benchmarks.common import (
     make_tasks,
     write_json,
 )
+from benchmarks.graphs import GraphedMetaStep
 from benchmarks.meta_step_speed import relative_difference
 from gbml.compiled import CompiledMetaStep
-from gbml.graphs import GraphedMetaStep
 
 SMALL = Setting(meta_batch=4, hidden=8)  # the float64 checks' conv net (8 filters) and batch size
 
@@ -99,7 +99,7 @@ def graph_bisection(device) -> list[dict]:
                     stepped = {k: before[k] - 0.1 * got[k] for k in before}
                 else:
                     stepped, _ = adam_by_hand(before, got, state, lr=1e-2)
-                    # capturable Adam computes its bias corrections in float32 (see gbml.graphs)
+                    # capturable Adam computes its bias corrections in float32 (see benchmarks/graphs.py)
                     as_captured, _ = adam_by_hand(
                         before, got, state, lr=1e-2, corrections_dtype=torch.float32
                     )
@@ -175,7 +175,7 @@ def compiled_agreement(device, names=("maml",), modes=None) -> list[dict]:
 def graph_against_loop(algorithm, device, tasks, optimizer_name: str) -> tuple[float, float]:
     """Three steps of the graphed step and of the loop from the same φ on new batches: the worst
     meta-gradient difference and the difference in φ after them. Adam is captured as PyTorch's
-    capturable Adam (float32 bias corrections, see gbml.graphs); SGD with momentum is exact."""
+    capturable Adam (float32 bias corrections, see benchmarks/graphs.py); SGD with momentum is exact."""
 
     def setup(capturable: bool):
         model, loss = make_model(SMALL, device, torch.float64)

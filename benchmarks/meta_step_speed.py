@@ -12,7 +12,7 @@ In one process, for each algorithm and number of inner steps L, it times:
   vmap-unfold   the same with convolutions as im2col + matmul (gbml.UnfoldConv2d)
   vmap-bf16     the vmap step under torch.autocast to bfloat16 (a precision experiment: its
                 meta-gradient is recorded against the loop's, and is far off)
-  graph         gbml.graphs.GraphedMetaStep: the vmapped step and capturable Adam in one CUDA graph
+  graph         benchmarks.graphs.GraphedMetaStep: the vmapped step and capturable Adam in one CUDA graph
   graph-unfold  both
   compile       gbml.compiled.CompiledMetaStep: the vmapped meta-gradient through torch.compile
   compile-graphs  the same with mode="reduce-overhead" (PyTorch's CUDA graphs; GPU only)
@@ -55,8 +55,8 @@ from benchmarks.common import (
     time_steps_interleaved,
     write_json,
 )
+from benchmarks.graphs import GraphedMetaStep
 from gbml.compiled import CompiledMetaStep
-from gbml.graphs import GraphedMetaStep
 from gbml.notebook import resolve_device
 
 GPU_PATHS = (

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmarks.graphs import GraphedMetaStep
 from torch import nn
 
 import gbml
 from conftest import make_classification_task
-from gbml.graphs import GraphedMetaStep
 from reference import clone_params, relative_error
 from test_batched import ALGORITHMS
 

@@ -8,7 +8,7 @@ and all: every derivative is taken inside the function, so the traced program is
 computation) and TorchInductor fuses its elementwise work, such as the batch norms. With
 ``mode="reduce-overhead"`` on a CUDA device, PyTorch also records the compiled program as CUDA
 graphs and replays them with one launch per step, copying new inputs into place first: this is
-PyTorch's own, tested route to what :class:`gbml.graphs.GraphedMetaStep` does by hand.
+PyTorch's own, tested route to what ``GraphedMetaStep`` (``benchmarks/graphs.py``) does by hand.
 
 The price is compilation: 1 to 1.5 minutes for the conv net's MAML step on a 2-core CPU (a few
 seconds when TorchInductor's on-disk cache already holds the program), paid at the first call and

@@ -1,4 +1,8 @@
-"""The whole meta-step captured once as a CUDA graph and replayed.
+"""The whole meta-step captured once as a CUDA graph and replayed (a benchmark baseline).
+
+This was part of the library until the compiled step (:class:`gbml.compiled.CompiledMetaStep`,
+``mode="reduce-overhead"``) covered it faster with PyTorch's own machinery; it stays here, outside
+``gbml``, for the Performance appendix's comparisons.
 
 After batching tasks with ``vmap`` a meta-step of the conv net is a few hundred small kernels;
 launching them one by one from Python costs as much as running them. A CUDA graph records the
