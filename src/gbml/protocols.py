@@ -15,9 +15,10 @@ options reproduces it. Finn et al.'s settings (MAML and FO-MAML) as their refere
 iMAML follows Rajeswaran et al.'s released code (:func:`rajeswaran_protocol`), Reptile Nichol et
 al.'s (openai/supervised-reptile, :func:`nichol_protocol`).
 
-Every run batches its tasks with ``vmap`` (``batched="true"``): on the 2-core CPU it is about
-twice as fast as the per-task loop at this shape (``benchmarks/omniglot_cpu.py``), and on GPUs it
-is the fast path. Validation: 200 tasks of the 100 validation characters every 250 iterations.
+Every run batches its tasks with ``vmap`` (``batched="true"``; ``"compile"`` compiles that step):
+on the 2-core CPU vmap is about twice as fast as the per-task loop at Finn et al.'s shape
+(``benchmarks/meta_step_speed.py --finn``), and on GPUs it is the fast path. Validation: 200 tasks
+of the 100 validation characters every 250 iterations (Reptile's cheaper iterations: every 1,000).
 """
 
 from __future__ import annotations
