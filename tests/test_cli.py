@@ -282,3 +282,14 @@ def test_options_come_from_one_table_with_help_and_choices(capsys, monkeypatch):
     import os
 
     assert os.environ["GBML_DATA_DIR"] == "my-data"
+
+
+def test_one_batched_vocabulary():
+    """TrainConfig.batched speaks the API's True/False/"auto" (plus "compile"); "true"/"false",
+    the command line's and saved runs' spelling, are read as the bools and written back as such."""
+    assert TrainConfig(batched="true").batched is True and TrainConfig(batched=False).batched is False
+    assert TrainConfig.from_dict({"batched": "false"}).batched is False
+    assert TrainConfig(batched="compile").batched_option is True
+    assert "--batched true " in training.train_command(TrainConfig(batched=True), "out")
+    with pytest.raises(ValueError, match="batched must be"):
+        TrainConfig(batched="sometimes")

@@ -15,7 +15,7 @@ options reproduces it. Finn et al.'s settings (MAML and FO-MAML) as their refere
 iMAML follows Rajeswaran et al.'s released code (:func:`rajeswaran_protocol`), Reptile Nichol et
 al.'s (openai/supervised-reptile, :func:`nichol_protocol`).
 
-Every run batches its tasks with ``vmap`` (``batched="true"``; ``"compile"`` compiles that step):
+Every run batches its tasks with ``vmap`` (``batched=True``; ``"compile"`` compiles that step):
 on the 2-core CPU vmap is about twice as fast as the per-task loop at Finn et al.'s shape
 (``benchmarks/meta_step_speed.py --finn``), and on GPUs it is the fast path. Validation: 200 tasks
 of the 100 validation characters every 250 iterations (Reptile's cheaper iterations: every 1,000).
@@ -54,7 +54,7 @@ def finn_protocol(algorithm: str, ways: int, shots: int) -> TrainConfig:
         iterations=PAPER_ITERATIONS,
         validate_every=250,
         validation_tasks=200,
-        batched="true",
+        batched=True,
         seed=0,
     )
 
@@ -92,7 +92,7 @@ def rajeswaran_protocol(ways: int, shots: int) -> TrainConfig:
         iterations=PAPER_ITERATIONS,
         validate_every=250,
         validation_tasks=200,
-        batched="true",
+        batched=True,
         seed=0,
     )
 
@@ -139,7 +139,7 @@ def nichol_protocol(ways: int, shots: int) -> TrainConfig:
         iterations=100_000 if five_way else 200_000,
         validate_every=1000,
         validation_tasks=200,
-        batched="true",
+        batched=True,
         seed=0,
     )
 

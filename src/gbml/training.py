@@ -36,7 +36,22 @@ from gbml.tasks import SinusoidTasks, Task
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 DATASETS = ("sinusoid", "omniglot")
 NETWORKS = ("stride", "max_pool")
-BATCHED = ("auto", "true", "false", "compile")  # TrainConfig.batched: strings, as on the command line
+#: TrainConfig.batched: the API's ``True`` / ``False`` / ``"auto"`` (:func:`gbml.choose_batched`),
+#: plus ``"compile"`` (the vmap step through torch.compile). On the command line and in saved
+#: records, ``True`` and ``False`` are spelt "true" and "false".
+BATCHED = ("auto", "true", "false", "compile")
+
+
+def batched_value(value: bool | str) -> bool | str:
+    """``batched`` as the API takes it: "true"/"false" (the command line's spelling) become bools."""
+    return {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+
+
+def batched_name(value: bool | str) -> str:
+    """``batched`` as the command line spells it."""
+    return {True: "true", False: "false"}.get(value, value) if isinstance(value, bool) else value
+
+
 OUTER_OPTIMIZERS = ("adam", "sgd")
 #: The options a resumed run may change: its length, and where and along which code path it runs
 #: (every path computes the same meta-gradient up to rounding; the test suite checks this).
@@ -76,7 +91,7 @@ class TrainConfig:
     device: str = "auto"
     validate_every: int = 100
     validation_tasks: int = 100
-    batched: str = "auto"
+    batched: bool | str = "auto"
     network: str = "stride"
     test_queries: int | None = None
     outer_optimizer: str = "adam"
@@ -118,8 +133,9 @@ class TrainConfig:
             raise ValueError(f"inner_batch is Reptile's (minibatch inner steps), not {self.algorithm}'s")
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
-        if self.batched not in BATCHED:
-            raise ValueError(f"batched must be 'auto', 'true', 'false' or 'compile', got {self.batched!r}")
+        if not isinstance(self.batched, bool) and self.batched not in BATCHED:
+            raise ValueError(f"batched must be True, False, 'auto' or 'compile', got {self.batched!r}")
+        self.batched = batched_value(self.batched)  # one vocabulary: "true" (a saved run's) is True
         self.make_algorithm()  # validates inner_lr, inner_steps, lam, cg_steps
 
     @property
@@ -167,7 +183,7 @@ class TrainConfig:
     def batched_option(self) -> bool | str:
         """``batched`` for :func:`gbml.meta_step` and evaluation ("compile" compiles the training
         step only; evaluation then runs the vmap path uncompiled)."""
-        return {"auto": "auto", "true": True, "false": False, "compile": True}[self.batched]
+        return True if self.batched == "compile" else self.batched
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -392,7 +408,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         "to_iteration": start,
         "elapsed_s": 0.0,
         "machine": machine_description(device),
-        "batched": config.batched,
+        "batched": batched_name(config.batched),
         "torch": str(torch.__version__),
         "source": source_revision(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -447,7 +463,9 @@ def train_command(config: TrainConfig, out: str | Path) -> str:
     for f in fields(TrainConfig):
         value = getattr(config, f.name)
         if value is not None:
-            options.append(f"--{f.name.replace('_', '-')} {value}")
+            options.append(
+                f"--{f.name.replace('_', '-')} {batched_name(value) if f.name == 'batched' else value}"
+            )
     return f"python -m gbml train {' '.join(options)} --out {out}"
 
 
