@@ -31,7 +31,6 @@ from gbml.training import (
     NETWORKS,
     OUTER_OPTIMIZERS,
     TrainConfig,
-    batched_value,
     evaluate,
     export_run,
     load_checkpoint,
@@ -154,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-            if "batched" in given:
-                given["batched"] = batched_value(given["batched"])  # "true" on the command line is True
             out = args.resume if isinstance(args.resume, str) else args.out
             if out is None:
                 raise ValueError("train needs --out (a new run's folder) or --resume RUN_DIR")

@@ -98,11 +98,12 @@ def meta_gradient(
     """
     phi = checked_inputs(phi, tasks)
     deltas, info = per_task_deltas(algorithm, loss, phi, tasks, batched=choose_batched(loss, phi, batched))
-    if distributed:
+    if distributed:  # every process learns of a NaN anywhere, through the all-reduced count
         mean, info, bad_count = mean_over_processes(deltas, info)
+        raise_if_not_finite(mean, info, bad_count)
     else:
-        mean, bad_count = {name: d.mean(dim=0) for name, d in deltas.items()}, None
-    raise_if_not_finite(mean if distributed else deltas, info, bad_count)
+        raise_if_not_finite(deltas, info)
+        mean = {name: d.mean(dim=0) for name, d in deltas.items()}
     algorithm.diagnose(info)
     return mean, info
 
