@@ -105,13 +105,16 @@ def test_every_algorithm_trains(algorithm, tmp_path):
     assert len(history["val"]) == 2 and all(math.isfinite(v["mean"]) for v in history["val"])
 
 
-def test_omniglot_training_on_tiny_settings(tmp_path, monkeypatch, capsys):
-    from test_omniglot import real_data_dir
+@pytest.mark.parametrize("dataset", ["omniglot-mini", "omniglot"])
+def test_omniglot_training_on_tiny_settings(dataset, tmp_path, monkeypatch, capsys):
+    """Offline on the miniature shipped with gbml; on the full data set where it is found."""
+    from test_omniglot import full_data_or_skip
 
-    monkeypatch.setenv("GBML_DATA_DIR", str(real_data_dir()))
+    if dataset == "omniglot":
+        monkeypatch.setenv("GBML_DATA_DIR", str(full_data_or_skip()))
     monkeypatch.setenv("GBML_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "omniglot"
-    options = ["--dataset", "omniglot", "--ways", "3", "--shots", "1", "--queries", "2", "--meta-batch", "2"]
+    options = ["--dataset", dataset, "--ways", "3", "--shots", "1", "--queries", "2", "--meta-batch", "2"]
     options += ["--inner-lr", "0.4", "--iterations", "2", "--validate-every", "2", "--validation-tasks", "3"]
     assert (
         main(["train", *options, "--out", str(out), "--no-progress", "--test-tasks", "4", "--device", "cpu"])
@@ -120,6 +123,13 @@ def test_omniglot_training_on_tiny_settings(tmp_path, monkeypatch, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["test"]["metric"] == "accuracy" and summary["test"]["tasks"] == 4
     assert 0.0 <= summary["test"]["mean"] <= 1.0
+    config, problem, _ = training.load_checkpoint(out / "last.pt", "cpu")
+    characters = {split: len(family.characters) for split, family in problem.tasks.items()}
+    full = dataset == "omniglot"
+    assert config.dataset == dataset
+    assert characters == (
+        {"train": 1100, "val": 100, "test": 423} if full else {"train": 34, "val": 3, "test": 13}
+    )
 
 
 def test_missing_omniglot_data_is_a_clear_error(tmp_path, monkeypatch, capsys):

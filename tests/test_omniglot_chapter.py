@@ -19,31 +19,33 @@ import torch.nn.functional as F
 import gbml
 from gbml.protocols import OMNIGLOT_RUNS, PUBLISHED, TARGETS
 from gbml.training import EXECUTION_OPTIONS, TrainConfig, evaluate, load_checkpoint
-from test_omniglot import real_data_dir
+from test_omniglot import full_data_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = sorted(p.parent for p in (ROOT / "results" / "omniglot").glob("*/run.json"))
 
 
 def needs_omniglot():
-    if not (real_data_dir() / "omniglot" / "images_background.zip").is_file():
-        pytest.skip("the Omniglot zips are not here (set GBML_DATA_DIR); see gbml.load_omniglot")
+    full_data_or_skip()
 
 
 def test_chapter_8_retrains_a_run_at_smoke_size(tmp_path, monkeypatch):
-    needs_omniglot()
+    """On the miniature shipped with gbml, so that it runs offline from a bare clone (nbval runs
+    the default mode on the full data set where that is found)."""
     monkeypatch.setenv("SMOKE_TEST", "1")
     out = tmp_path / "08.ipynb"
+    parameters = {"train": True, "runs": "fomaml-5w1s", "run_dir": str(tmp_path / "runs")}
     papermill.execute_notebook(
         str(ROOT / "book" / "08_omniglot.ipynb"),
         str(out),
-        parameters={"train": True, "runs": "fomaml-5w1s", "run_dir": str(tmp_path / "runs")},
+        parameters={**parameters, "dataset": "omniglot-mini"},
         cwd=str(ROOT / "book"),
         kernel_name="python3",
         progress_bar=False,
     )
     summary = json.loads((tmp_path / "runs-smoke" / "fomaml-5w1s" / "run.json").read_text())
     assert summary["iterations"] == 4 and summary["config"]["algorithm"] == "fomaml"
+    assert summary["config"]["dataset"] == "omniglot-mini"
     text = "\n".join(
         "".join(o.get("text", ""))
         for cell in nbformat.read(out, as_version=4).cells
@@ -51,6 +53,7 @@ def test_chapter_8_retrains_a_run_at_smoke_size(tmp_path, monkeypatch):
     )
     assert "retraining: fomaml-5w1s" in text
     assert "every run re-evaluates to the accuracies recorded in its run.json: True" in text
+    assert "Omniglot(50 characters × 20 drawings, 28×28 uint8)" in text
 
 
 def test_there_are_committed_runs_and_each_follows_its_protocol():
@@ -96,26 +99,28 @@ def test_targets_name_published_runs():
         assert target < PUBLISHED[name][0]
 
 
-def test_pretraining_and_fine_tuning_on_real_omniglot(tmp_path, capsys):
+@pytest.mark.parametrize("dataset", ["omniglot-mini", "omniglot"])
+def test_pretraining_and_fine_tuning_on_real_omniglot(dataset, tmp_path, capsys):
     """The joint-training baseline: the CLI trains and saves a body; fine-tuning with no steps
     leaves a zero head (chance accuracy exactly); head-only fine-tuning equals a logistic
-    regression written by hand on the body's features (float64); vmap equals the loop."""
-    needs_omniglot()
+    regression written by hand on the body's features (float64); vmap equals the loop.
+    On the miniature shipped with gbml, and on the full data set where it is found."""
+    if dataset == "omniglot":
+        needs_omniglot()
     from gbml.baselines import evaluate_finetuning, finetune_accuracies, load_pretrained
     from gbml.cli import main
     from gbml.omniglot import OmniglotTasks
 
     out = tmp_path / "pretrained.pt"
-    assert (
-        main(["pretrain", "--steps", "3", "--classes-per-batch", "4", "--device", "cpu", "--out", str(out)])
-        == 0
-    )
+    options = ["--steps", "3", "--classes-per-batch", "4", "--device", "cpu", "--dataset", dataset]
+    assert main(["pretrain", *options, "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["classes"] == 4400 and printed["last"]["step"] == 3
+    assert printed["classes"] == (4400 if dataset == "omniglot" else 4 * 34) and printed["last"]["step"] == 3
     body, record = load_pretrained(out)
     assert not any(name.startswith("head.") for name in body) and len(record["curve"]) == 1
 
-    family = OmniglotTasks("test", 5)
+    data = gbml.load_omniglot() if dataset == "omniglot" else gbml.load_omniglot_miniature()
+    family = OmniglotTasks("test", 5, data=data)
     tasks = family.sample(4, 1, 3, torch.Generator().manual_seed(0))
     tasks = tasks._replace(x_support=tasks.x_support.double(), x_query=tasks.x_query.double())
     body64 = {name: p.double() for name, p in body.items()}

@@ -94,6 +94,10 @@ def test_the_sdist_builds_a_wheel_that_installs_and_runs(tmp_path):
     assert requires == str(["pillow", "torch", "tqdm"])
     helped = subprocess.run([str(python), "-m", "gbml", "--help"], check=True, capture_output=True, text=True)
     assert "meta-train and meta-test" in helped.stdout
+    # The Omniglot miniature is package data: the installed copy reads it from the wheel's files.
+    mini = "import gbml; print(gbml.load_omniglot_miniature())"
+    loaded = subprocess.run([str(python), "-c", mini], check=True, capture_output=True, text=True).stdout
+    assert loaded.strip() == "Omniglot(50 characters × 20 drawings, 28×28 uint8)"
 
 
 def gbml_imports() -> dict[str, set[str]]:

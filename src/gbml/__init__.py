@@ -11,7 +11,7 @@ from gbml.cg import CGResult, conjugate_gradient, hessian_vector_product
 from gbml.errors import ConvergenceError, CorruptDataError, DivergenceError, MissingDataError
 from gbml.meta import MetaStepResult, choose_batched, meta_gradient, meta_step
 from gbml.models import CompositeBatchNorm2d, ConvNet, SinusoidMLP, UnfoldConv2d, finn_omniglot_net, make_loss
-from gbml.omniglot import OmniglotTasks, load_omniglot
+from gbml.omniglot import OmniglotTasks, load_omniglot, load_omniglot_miniature
 from gbml.params import Params, parameters_of
 from gbml.tasks import LinearRegressionTasks, SinusoidTasks, Task, TaskFamily, stack_tasks
 
@@ -45,6 +45,7 @@ __all__ = [
     "finn_omniglot_net",
     "hessian_vector_product",
     "load_omniglot",
+    "load_omniglot_miniature",
     "make_loss",
     "meta_gradient",
     "meta_step",

@@ -11,6 +11,8 @@ Examples::
     python -m gbml export runs/omni-5w1s     # final.pt and run.json, for sharing
     python -m gbml evaluate --checkpoint runs/omni-5w1s/final.pt --tasks 600
     python -m gbml pretrain --out runs/pretrained.pt   # the joint-training baseline
+    python -m gbml train --algorithm maml --dataset omniglot-mini --iterations 20 --out runs/try
+                                             # offline: the 50-character miniature shipped with gbml
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     joint.add_argument("--lr", type=float, default=1e-3, help="Adam's step size")
     joint.add_argument("--seed", type=int, default=0, help="initialisation and batches")
     joint.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
+    joint.add_argument(
+        "--dataset",
+        choices=("omniglot", "omniglot-mini"),
+        default="omniglot",
+        help="the full data set, or the 50-character miniature shipped with gbml (default: omniglot)",
+    )
     test = commands.add_parser("evaluate", help="mean metric ± 95%% CI over meta-test tasks")
     test.add_argument("--checkpoint", required=True, help="a final.pt, best.pt or last.pt written by train")
     test.add_argument("--tasks", type=int, default=600, help="tasks to adapt to and score (default: 600)")
@@ -170,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pretrain":
             from gbml.baselines import PretrainConfig, pretrain, save_pretrained
             from gbml.notebook import resolve_device
-            from gbml.omniglot import OmniglotTasks
+            from gbml.omniglot import OmniglotTasks, load_omniglot, load_omniglot_miniature
 
             config = PretrainConfig(
                 steps=args.steps, classes_per_batch=args.classes_per_batch, lr=args.lr, seed=args.seed
             )
-            body, record = pretrain(config, OmniglotTasks(config.split, 5), resolve_device(args.device))
+            data = load_omniglot_miniature() if args.dataset == "omniglot-mini" else load_omniglot()
+            family = OmniglotTasks(config.split, 5, data=data)
+            body, record = pretrain(config, family, resolve_device(args.device))
             save_pretrained(args.out, body, record)
             summary = {"out": args.out, **{k: v for k, v in record.items() if k != "curve"}}
             summary["last"] = record["curve"][-1]

@@ -36,6 +36,13 @@ inverted, so strokes are bright (≈1 after dividing by 255) on a 0 background.
 into 1100 ``"train"`` and 100 ``"val"`` characters for periodic validation (``"trainval"`` is all
 1200). With ``rotations=True`` each character at 0°, 90°, 180° and 270° is a class of its own
 (Santoro et al. 2016; Finn et al. 2017), so ``"train"`` has 4400 classes.
+
+**The miniature.** gbml ships 50 real characters, the first of each alphabet with all 20
+drawings, in the same two-zip layout (``gbml/data/omniglot-mini``, 424 KiB):
+:func:`load_omniglot_miniature` reads them with the same checks and preprocessing, without a
+data folder, a cache or a network. Its splits cut the same fractions of its own permutation
+(34 train, 3 val, 13 test characters; see :func:`omniglot_split`). It is for tests and for trying
+the code offline: its accuracies are not comparable with the papers'.
 """
 
 from __future__ import annotations
@@ -69,12 +76,15 @@ URL_BASE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python
 #: Each zip's top folder and its number of characters, in the order they are stored.
 ZIP_CHARACTERS = {"images_background": 964, "images_evaluation": 659}
 NUM_CHARACTERS = 1623
+#: The miniature shipped with gbml: the first character of each alphabet (30 + 20).
+MINIATURE_DIR = Path(__file__).resolve().parent / "data" / "omniglot-mini"
+MINIATURE_CHARACTERS = {"images_background": 30, "images_evaluation": 20}
 DRAWINGS = 20
 SOURCE_SIZE = 105
 IMAGE_SIZE = 28
 #: Seed of the character permutation that defines the splits (see :func:`omniglot_split`).
 SPLIT_SEED = 0
-#: Each split's slice of the permutation.
+#: Each split's slice of the permutation of the full data set's 1623 characters.
 SPLITS = {
     "train": slice(0, 1100),
     "val": slice(1100, 1200),
@@ -87,20 +97,27 @@ _CACHE_VERSION = 1
 
 
 class Omniglot:
-    """The whole preprocessed data set, as returned by :func:`load_omniglot`.
+    """The whole preprocessed data set, as returned by :func:`load_omniglot` (or the miniature,
+    by :func:`load_omniglot_miniature`).
 
-    ``images`` is a uint8 tensor (1623, 20, 28, 28), 0 background … 255 stroke; ``names[c]`` is
-    character ``c``'s ``"<alphabet>/<characterNN>"``. The order is described in the module
-    docstring.
+    ``images`` is a uint8 tensor (C, 20, 28, 28), 0 background … 255 stroke, with C = 1623
+    (50 for the miniature); ``names[c]`` is character ``c``'s ``"<alphabet>/<characterNN>"``.
+    The order is described in the module docstring.
     """
 
     def __init__(self, images: Tensor, names: list[str] | tuple[str, ...]) -> None:
-        expected = (NUM_CHARACTERS, DRAWINGS, IMAGE_SIZE, IMAGE_SIZE)
-        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != expected:
+        expected = ("C", DRAWINGS, IMAGE_SIZE, IMAGE_SIZE)
+        if (
+            not isinstance(images, Tensor)
+            or images.dtype != torch.uint8
+            or images.dim() != 4
+            or tuple(images.shape[1:]) != expected[1:]
+            or len(images) < 1
+        ):
             what = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images)
             raise ValueError(f"Omniglot images must be a uint8 tensor of shape {expected}, got {what}")
-        if len(names) != NUM_CHARACTERS:
-            raise ValueError(f"expected {NUM_CHARACTERS} character names, got {len(names)}")
+        if len(names) != len(images):
+            raise ValueError(f"expected {len(images)} character names (one per character), got {len(names)}")
         self.images = images
         self.names = tuple(names)
 
@@ -116,28 +133,37 @@ class Omniglot:
 
 
 @functools.cache
-def _permutation() -> tuple[int, ...]:
+def _permutation(num_characters: int) -> tuple[int, ...]:
     # Fisher–Yates driven by random.Random(seed).random(): Python guarantees that sequence for a
     # given seed across versions and machines (unlike random.shuffle or torch.randperm, whose
     # algorithms may change), so the splits are the same everywhere.
     rng = random.Random(SPLIT_SEED)
-    order = list(range(NUM_CHARACTERS))
-    for i in range(NUM_CHARACTERS - 1, 0, -1):
+    order = list(range(num_characters))
+    for i in range(num_characters - 1, 0, -1):
         j = int(rng.random() * (i + 1))
         order[i], order[j] = order[j], order[i]
     return tuple(order)
 
 
-def omniglot_split(split: str) -> list[int]:
+def omniglot_split(split: str, num_characters: int = NUM_CHARACTERS) -> list[int]:
     """The (sorted) character indices of a split: ``"train"`` (1100), ``"val"`` (100),
     ``"trainval"`` (their 1200) or ``"test"`` (423).
 
     The splits are consecutive slices of a permutation of all 1623 characters fixed by
-    :data:`SPLIT_SEED`, so they are disjoint and identical on every machine.
+    :data:`SPLIT_SEED`, so they are disjoint and identical on every machine. For a data set of
+    another size (the miniature: ``num_characters=50``) the permutation is of its characters and
+    each boundary scales with the size, rounded: 34 train, 3 val and 13 test characters of 50.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown Omniglot split {split!r}; expected one of {sorted(SPLITS)}")
-    return sorted(_permutation()[SPLITS[split]])
+    if isinstance(num_characters, bool) or not isinstance(num_characters, int) or num_characters < 1:
+        raise ValueError(f"num_characters must be a positive integer, got {num_characters!r}")
+    part = SPLITS[split]
+
+    def scaled(boundary: int) -> int:  # exact for the full data set: boundary·1623/1623
+        return round(boundary * num_characters / NUM_CHARACTERS)
+
+    return sorted(_permutation(num_characters)[scaled(part.start) : scaled(part.stop)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,10 +354,10 @@ def _read_zip(path: Path, top: str, num_characters: int, drawings: int) -> tuple
     return [name for name, _ in layout], images.view(len(layout), drawings, IMAGE_SIZE, IMAGE_SIZE)
 
 
-def _build(zips: dict[str, Path]) -> Omniglot:
+def _build(zips: dict[str, Path], counts: dict[str, int]) -> Omniglot:
     names: list[str] = []
     parts = []
-    for top, count in ZIP_CHARACTERS.items():
+    for top, count in counts.items():
         zip_names, images = _read_zip(zips[top], top, count, DRAWINGS)
         names += zip_names
         parts.append(images)
@@ -342,7 +368,10 @@ def _load_cache(path: Path) -> Omniglot | None:
     """The cached data set, or None (with a warning) if the file is unreadable or malformed."""
     try:
         saved = torch.load(path, weights_only=True)
-        return Omniglot(saved["images"], saved["names"])
+        data = Omniglot(saved["images"], saved["names"])
+        if len(data) != NUM_CHARACTERS:
+            raise ValueError(f"it holds {len(data)} characters, not {NUM_CHARACTERS}")
+        return data
     except Exception as error:  # any failure means: rebuild it
         warnings.warn(f"ignoring unreadable Omniglot cache {path} ({error}); rebuilding it", stacklevel=3)
         return None
@@ -369,11 +398,29 @@ def load_omniglot(
         data = _load_cache(cache_file)
         if data is not None:
             return data
-    data = _build(zips)
+    data = _build(zips, ZIP_CHARACTERS)
     _atomic_write(
         cache_file, lambda file: torch.save({"images": data.images, "names": list(data.names)}, file)
     )
     return data
+
+
+def load_omniglot_miniature() -> Omniglot:
+    """The Omniglot miniature shipped with gbml: 50 real characters (the first of each alphabet,
+    20 drawings each), checked and preprocessed as :func:`load_omniglot` does the full set.
+
+    Needs no data folder, cache or network (it takes about a second to decode). Its splits are
+    those of :func:`omniglot_split` for 50 characters. Use it for tests and offline trials; its
+    accuracies are not comparable with the papers'.
+    """
+    zips = {top: MINIATURE_DIR / f"{top}.zip" for top in MINIATURE_CHARACTERS}
+    missing = [str(path) for path in zips.values() if not path.is_file()]
+    if missing:
+        raise MissingDataError(
+            f"the Omniglot miniature is missing from this installation of gbml ({', '.join(missing)}); "
+            "reinstall gbml, or rebuild it with tools/make_omniglot_miniature.py from the book's repository"
+        )
+    return _build(zips, MINIATURE_CHARACTERS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,9 +455,14 @@ class OmniglotTasks(TaskFamily):
         root: str | os.PathLike[str] | None = None,
         download: bool = True,
     ) -> None:
-        characters = omniglot_split(split)  # validates the name before any loading
+        omniglot_split(split)  # validates the name before any loading
         if not isinstance(ways, int) or isinstance(ways, bool) or ways < 1:
             raise ValueError(f"ways must be a positive integer, got {ways!r}")
+        if data is None:
+            data = load_omniglot(root, download)
+        if not isinstance(data, Omniglot):
+            raise ValueError(f"data must be an Omniglot (from load_omniglot), got {type(data).__name__}")
+        characters = omniglot_split(split, len(data))
         self.split = split
         self.ways = ways
         self.rotations = bool(rotations)
@@ -418,14 +470,11 @@ class OmniglotTasks(TaskFamily):
         self.num_rotations = ROTATIONS if self.rotations else 1
         self.num_classes = len(characters) * self.num_rotations
         if ways > self.num_classes:
+            size = "" if len(data) == NUM_CHARACTERS else f" of this {len(data)}-character data set"
             raise ValueError(
-                f"ways={ways} is more than the {self.num_classes} classes of the {split!r} split"
+                f"ways={ways} is more than the {self.num_classes} classes of the {split!r} split{size}"
                 f"{'' if self.rotations else ' without rotations'}"
             )
-        if data is None:
-            data = load_omniglot(root, download)
-        if not isinstance(data, Omniglot):
-            raise ValueError(f"data must be an Omniglot (from load_omniglot), got {type(data).__name__}")
         self.images = data.images
 
     def __repr__(self) -> str:

@@ -34,7 +34,8 @@ from gbml.params import Params, detached, parameters_of
 from gbml.tasks import SinusoidTasks, Task
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
-DATASETS = ("sinusoid", "omniglot")
+#: "omniglot-mini" is the 50-character miniature shipped with gbml (tests, offline trials).
+DATASETS = ("sinusoid", "omniglot", "omniglot-mini")
 NETWORKS = ("stride", "max_pool")
 #: TrainConfig.batched: the API's ``True`` / ``False`` / ``"auto"`` (:func:`gbml.choose_batched`),
 #: plus ``"compile"`` (the vmap step through torch.compile). On the command line and in saved
@@ -244,7 +245,7 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
         loss = make_loss(model, F.mse_loss)
         family = SinusoidTasks()
         return Problem(model, loss, "mse", loss, {"train": family, "val": family, "test": family})
-    from gbml.omniglot import OmniglotTasks, load_omniglot  # the only part that reads files
+    from gbml.omniglot import OmniglotTasks, load_omniglot, load_omniglot_miniature  # reads files
 
     if config.network == "stride":
         model = finn_omniglot_net(config.ways).to(device)
@@ -256,7 +257,8 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
         logits = torch.func.functional_call(model, params, (x,))
         return (logits.argmax(dim=-1) == y).to(logits.dtype).mean()
 
-    data = load_omniglot()  # loaded once, shared by the three splits
+    # Loaded once, shared by the three splits.
+    data = load_omniglot_miniature() if config.dataset == "omniglot-mini" else load_omniglot()
     tasks = {split: OmniglotTasks(split, config.ways, data=data) for split in ("train", "val", "test")}
     return Problem(model, loss, "accuracy", accuracy, tasks, higher_is_better=True)
 
