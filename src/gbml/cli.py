@@ -72,6 +72,11 @@ TRAIN_OPTIONS: dict[str, tuple[type, str, tuple[str, ...] | None]] = {
     ),
     "outer_lr_final": (float, "anneal the outer step size linearly to this over --iterations", None),
     "inner_batch": (int, "Reptile: each inner step on the next INNER_BATCH examples (default: all)", None),
+    "inner_optimizer": (
+        str,
+        "Reptile: plain gradient steps, or Adam's (β₁ = 0, fresh per task)",
+        ("sgd", "adam"),
+    ),
 }
 
 

@@ -98,6 +98,7 @@ class TrainConfig:
     outer_optimizer: str = "adam"
     outer_lr_final: float | None = None
     inner_batch: int | None = None
+    inner_optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -132,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"outer_lr_final must be non-negative or None, got {self.outer_lr_final!r}")
         if self.inner_batch is not None and self.algorithm != "reptile":
             raise ValueError(f"inner_batch is Reptile's (minibatch inner steps), not {self.algorithm}'s")
+        if self.inner_optimizer != "sgd" and self.algorithm != "reptile":
+            raise ValueError(f"inner_optimizer {self.inner_optimizer!r} is Reptile's, not {self.algorithm}'s")
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
         if not isinstance(self.batched, bool) and self.batched not in BATCHED:
@@ -168,7 +171,9 @@ class TrainConfig:
         if self.algorithm == "fomaml":
             return FOMAML(self.inner_lr, steps)
         if self.algorithm == "reptile":
-            return Reptile(self.inner_lr, steps, inner_batch=self.inner_batch)
+            return Reptile(
+                self.inner_lr, steps, inner_batch=self.inner_batch, inner_optimizer=self.inner_optimizer
+            )
         # Truncated solves are iMAML's normal regime in training, so a missed tolerance warns.
         return IMAML(
             self.inner_lr,

@@ -12,6 +12,12 @@ k-th block of ``inner_batch`` examples, cycling (Nichol et al. choose L · inner
 task's number of examples: one pass over its data). The examples are first put in class-interleaved
 order (the first drawing of every class, then the second, ...), so each minibatch holds every class
 about equally often.
+
+Their inner optimiser is Adam with β₁ = 0 (``inner_optimizer="adam"``): each step is
+θ ← θ − α m̂/(√v̂ + eps), with m and v running averages of g and g² (β₁, β₂) and m̂, v̂ their bias
+corrections, as ``torch.optim.Adam`` computes them. ``gbml`` starts every task's inner loop
+(training and test) with fresh moments, so that Δ_t depends on φ and D_t alone; their code keeps
+the moments from task to task.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from gbml.adapt import LossFn, task_adapt
+from gbml.adapt import LossFn, check_learning_rate, task_adapt
 from gbml.algorithms.base import GradientStepAlgorithm, TaskInfo
 from gbml.params import Params, detached
 from gbml.tasks import Task
@@ -40,14 +46,21 @@ def interleaved_by_class(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x[order], y[order]
 
 
+INNER_OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True)
 class Reptile(GradientStepAlgorithm):
     """Reptile with ``inner_steps`` (L) steps of size ``inner_lr`` (α), each on all of D_t
     (``inner_batch=None``) or on the next ``inner_batch`` examples of it (Nichol et al.'s
-    minibatches)."""
+    minibatches); plain gradient steps (``inner_optimizer="sgd"``) or Adam's, with ``betas`` and
+    ``eps`` and fresh moments for every task (``"adam"``), at meta-training and at meta-test."""
 
     inner_steps: int = 5
     inner_batch: int | None = None
+    inner_optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.0, 0.999)  # Nichol et al.'s β₁ = 0
+    eps: float = 1e-8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,34 +70,70 @@ class Reptile(GradientStepAlgorithm):
             or self.inner_batch < 1
         ):
             raise ValueError(f"inner_batch must be a positive integer or None, got {self.inner_batch!r}")
+        if self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {self.inner_optimizer!r}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        check_learning_rate("eps", self.eps)
+
+    def adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> Params:
+        """L steps of the inner optimiser on the whole support set (at test the query set is unseen)."""
+        if self.inner_optimizer == "sgd":
+            return super().adapt(loss, phi, x, y)
+        return self._inner_loop(loss, phi, x, y, batch=None)[0]
 
     def task_delta(self, loss: LossFn, phi: Params, task: Task) -> tuple[Params, TaskInfo]:
         x_all, y_all = task.joined()
-        if self.inner_batch is None:
+        if self.inner_batch is None and self.inner_optimizer == "sgd":
             theta = task_adapt(
                 loss, phi, x_all, y_all, lr=self.inner_lr, steps=self.inner_steps, differentiable=False
             )
             # Reptile trains on the query set too, so this is a training loss, reported for monitoring.
             return self._delta(phi, theta), {"query_loss": loss(theta, *task.query)}
-        theta, last_batch_loss = self._minibatch_adapt(loss, phi, x_all, y_all)
-        # The loss of the last inner minibatch comes with its gradient: monitoring at no extra
+        theta, last_batch_loss = self._inner_loop(loss, phi, x_all, y_all, batch=self.inner_batch)
+        # The loss of the last inner (mini)batch comes with its gradient: monitoring at no extra
         # forward pass (it is a training loss either way, since Reptile trains on D_t's query set).
         return self._delta(phi, theta), {"query_loss": last_batch_loss}
 
-    def _minibatch_adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> tuple[Params, Tensor]:
+    def _inner_loop(
+        self, loss: LossFn, phi: Params, x: Tensor, y: Tensor, *, batch: int | None
+    ) -> tuple[Params, Tensor]:
+        """θ after L steps (each on the next ``batch`` examples, or on all with None) and the
+        loss of the last step's batch."""
         size = x.shape[0]
-        if self.inner_batch > size:
-            raise ValueError(f"inner_batch = {self.inner_batch} is more than the task's {size} examples")
-        x, y = interleaved_by_class(x, y)
+        if batch is not None:
+            if batch > size:
+                raise ValueError(f"inner_batch = {batch} is more than the task's {size} examples")
+            x, y = interleaved_by_class(x, y)
         gradient_and_loss = grad_and_value(loss)
         theta = detached(phi)
         if self.inner_steps == 0:
-            return theta, loss(theta, x[: self.inner_batch], y[: self.inner_batch]).detach()
+            return theta, loss(theta, x[:batch], y[:batch]).detach()
+        moments = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in theta.items()}
         for step in range(self.inner_steps):
-            block = [(step * self.inner_batch + i) % size for i in range(self.inner_batch)]
-            g, batch_loss = gradient_and_loss(theta, x[block], y[block])
-            theta = detached({name: theta[name] - self.inner_lr * g[name] for name in theta})
+            if batch is None:
+                g, batch_loss = gradient_and_loss(theta, x, y)
+            else:
+                block = [(step * batch + i) % size for i in range(batch)]
+                g, batch_loss = gradient_and_loss(theta, x[block], y[block])
+            if self.inner_optimizer == "sgd":
+                theta = detached({name: theta[name] - self.inner_lr * g[name] for name in theta})
+            else:
+                theta = detached(self._adam_step(theta, g, moments, step + 1))
         return theta, batch_loss.detach()
+
+    def _adam_step(self, theta: Params, g: Params, moments: dict, t: int) -> Params:
+        """One Adam step (the t-th), updating ``moments`` (name → (m, v)) in place."""
+        beta1, beta2 = self.betas
+        stepped = {}
+        for name in theta:
+            m, v = moments[name]
+            m = beta1 * m + (1 - beta1) * g[name]
+            v = beta2 * v + (1 - beta2) * g[name] * g[name]
+            moments[name] = (m, v)
+            m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+            stepped[name] = theta[name] - self.inner_lr * m_hat / (v_hat.sqrt() + self.eps)
+        return stepped
 
     @staticmethod
     def _delta(phi: Params, theta: Params) -> Params:
