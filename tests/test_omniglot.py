@@ -47,8 +47,8 @@ def full_data_or_skip() -> Path:
     folder = real_data_dir()
     if not all((folder / "omniglot" / f"{top}.zip").is_file() for top in omniglot.ZIP_CHARACTERS):
         pytest.skip(
-            f"full Omniglot not found (looked in {folder}/omniglot and $GBML_DATA_DIR): "
-            "this full-data test is skipped; the miniature's tests ran"
+            f"full Omniglot not found (looked in {folder}/omniglot, $GBML_DATA_DIR and gbml's cache "
+            "folder): this full-data test is skipped; the miniature's tests ran"
         )
     return folder
 

@@ -1,6 +1,7 @@
 """Bad input gets a clear ValueError, not a silently wrong answer."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -144,3 +145,34 @@ def test_other_bad_input(mlp_setup):
         gbml.stack_tasks([])
     with pytest.raises(ValueError, match="vector has 3 entries but the parameters hold 2"):
         unflatten(torch.zeros(3), {"w": torch.zeros(2)})
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        gbml.MAML(inner_lr=0.1, inner_steps=2),
+        gbml.FOMAML(inner_lr=0.1, inner_steps=2),
+        gbml.Reptile(inner_lr=0.1, inner_steps=2),
+        gbml.IMAML(inner_lr=0.1, lam=1.0, inner_steps=2, cg_steps=3, on_cg_failure="warn"),
+    ],
+    ids=lambda a: type(a).__name__,
+)
+@pytest.mark.parametrize("batched", [True, False])
+def test_an_algorithm_checks_its_arguments_once_not_per_task(algorithm, batched, mlp_setup, monkeypatch):
+    """The checks run when the algorithm is built; meta_gradient (loop or vmap trace) repeats none."""
+    model, criterion = mlp_setup
+    tasks = gbml.SinusoidTasks().sample(4, 5, 5, torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = []
+    for name in ("check_learning_rate", "check_steps"):
+        monkeypatch.setattr(f"gbml.adapt.{name}", lambda *args, name=name: calls.append(name))
+    with warnings.catch_warnings():  # iMAML's truncated CG solves may warn: not the point here
+        warnings.simplefilter("ignore")
+        gbml.meta_gradient(
+            algorithm, gbml.make_loss(model, criterion), clone_params(model), tasks, batched=batched
+        )
+        algorithm.adapt(gbml.make_loss(model, criterion), clone_params(model), *tasks.task(0).support)
+    assert calls == []
+    gbml.task_adapt(
+        gbml.make_loss(model, criterion), clone_params(model), *tasks.task(0).support, lr=0.1, steps=1
+    )
+    assert calls == ["check_learning_rate", "check_steps"]  # the public function still checks

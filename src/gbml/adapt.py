@@ -37,6 +37,7 @@ def task_adapt(
     lr: float,
     steps: int,
     differentiable: bool = True,
+    validate: bool = True,
 ) -> Params:
     """L steps of gradient descent on ``ℓ(·; x, y)`` from φ::
 
@@ -46,9 +47,13 @@ def task_adapt(
     ``torch.func`` transform (what MAML needs). With ``differentiable=False`` every iterate is
     cut from the graph (a stop-gradient), as first-order methods assume: dθ_L/dφ is then taken
     to be the identity by whoever uses the result, never computed.
+
+    ``validate=False`` skips the checks of ``lr`` and ``steps``: the algorithms check them once,
+    when they are built, so nothing is re-checked per task or inside a ``vmap`` trace.
     """
-    check_learning_rate("inner learning rate", lr)
-    check_steps("number of inner steps", steps)
+    if validate:
+        check_learning_rate("inner learning rate", lr)
+        check_steps("number of inner steps", steps)
     gradient = grad(loss)
     theta = phi if differentiable else detached(phi)
     for _ in range(steps):
@@ -68,17 +73,20 @@ def proximal_task_adapt(
     lam: float,
     lr: float,
     steps: int,
+    validate: bool = True,
 ) -> Params:
     """iMAML's inner problem, solved approximately by L steps of gradient descent from φ::
 
         θ_t ≈ argmin_θ  ℓ(θ; x, y) + λ/2 ‖θ − φ‖².
 
     The result is never differentiated with respect to φ (iMAML gets its meta-gradient from
-    the implicit function theorem instead), so it is returned cut from the graph.
+    the implicit function theorem instead), so it is returned cut from the graph. ``validate``
+    as for :func:`task_adapt`.
     """
-    check_learning_rate("lambda (proximal regularisation)", lam)
-    check_learning_rate("inner learning rate", lr)
-    check_steps("number of inner steps", steps)
+    if validate:
+        check_learning_rate("lambda (proximal regularisation)", lam)
+        check_learning_rate("inner learning rate", lr)
+        check_steps("number of inner steps", steps)
     anchor = detached(phi)
 
     def proximal_objective(theta: Params) -> Tensor:

@@ -66,4 +66,6 @@ class GradientStepAlgorithm(MetaAlgorithm):
     def adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> Params:
         """L plain gradient steps of α on the support set (Reptile's too: at test the query set is
         unseen)."""
-        return task_adapt(loss, phi, x, y, lr=self.inner_lr, steps=self.inner_steps, differentiable=False)
+        return task_adapt(
+            loss, phi, x, y, lr=self.inner_lr, steps=self.inner_steps, differentiable=False, validate=False
+        )

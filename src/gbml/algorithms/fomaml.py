@@ -26,7 +26,13 @@ class FOMAML(GradientStepAlgorithm):
 
     def task_delta(self, loss: LossFn, phi: Params, task: Task) -> tuple[Params, TaskInfo]:
         theta = task_adapt(
-            loss, phi, *task.support, lr=self.inner_lr, steps=self.inner_steps, differentiable=False
+            loss,
+            phi,
+            *task.support,
+            lr=self.inner_lr,
+            steps=self.inner_steps,
+            differentiable=False,
+            validate=False,  # checked once, when the algorithm was built
         )
         delta, query_loss = grad_and_value(loss)(theta, *task.query)
         return delta, {"query_loss": query_loss}

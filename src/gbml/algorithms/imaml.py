@@ -70,7 +70,9 @@ class IMAML(MetaAlgorithm):
 
     def adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> Params:
         """The proximal inner problem, solved by L gradient steps (the same TASK_ADAPT as training)."""
-        return proximal_task_adapt(loss, phi, x, y, lam=self.lam, lr=self.inner_lr, steps=self.inner_steps)
+        return proximal_task_adapt(
+            loss, phi, x, y, lam=self.lam, lr=self.inner_lr, steps=self.inner_steps, validate=False
+        )
 
     def task_delta(self, loss: LossFn, phi: Params, task: Task) -> tuple[Params, TaskInfo]:
         theta = self.adapt(loss, phi, *task.support)

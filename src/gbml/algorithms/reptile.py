@@ -86,7 +86,14 @@ class Reptile(GradientStepAlgorithm):
         x_all, y_all = task.joined()
         if self.inner_batch is None and self.inner_optimizer == "sgd":
             theta = task_adapt(
-                loss, phi, x_all, y_all, lr=self.inner_lr, steps=self.inner_steps, differentiable=False
+                loss,
+                phi,
+                x_all,
+                y_all,
+                lr=self.inner_lr,
+                steps=self.inner_steps,
+                differentiable=False,
+                validate=False,  # checked once, when the algorithm was built
             )
             # Reptile trains on the query set too, so this is a training loss, reported for monitoring.
             return self._delta(phi, theta), {"query_loss": loss(theta, *task.query)}
