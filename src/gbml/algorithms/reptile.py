@@ -116,17 +116,20 @@ class Reptile(GradientStepAlgorithm):
         theta = detached(phi)
         if self.inner_steps == 0:
             return theta, loss(theta, x[:batch], y[:batch]).detach()
-        moments = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in theta.items()}
+        adam = self.inner_optimizer == "adam"  # plain steps need no moments: allocate none
+        moments = (
+            {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in theta.items()} if adam else {}
+        )
         for step in range(self.inner_steps):
             if batch is None:
                 g, batch_loss = gradient_and_loss(theta, x, y)
             else:
                 block = [(step * batch + i) % size for i in range(batch)]
                 g, batch_loss = gradient_and_loss(theta, x[block], y[block])
-            if self.inner_optimizer == "sgd":
-                theta = detached({name: theta[name] - self.inner_lr * g[name] for name in theta})
-            else:
+            if adam:
                 theta = detached(self._adam_step(theta, g, moments, step + 1))
+            else:
+                theta = detached({name: theta[name] - self.inner_lr * g[name] for name in theta})
         return theta, batch_loss.detach()
 
     def _adam_step(self, theta: Params, g: Params, moments: dict, t: int) -> Params:
