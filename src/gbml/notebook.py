@@ -1,4 +1,5 @@
-"""Small helpers shared by the book's notebooks: device choice, smoke mode, run description.
+"""Small helpers shared by the book's notebooks: device choice, smoke mode, run description,
+and the meters that measure memory, compute and time.
 
 Every chapter starts with a papermill ``parameters`` cell holding ``device = "auto"`` and its
 run sizes, then calls these so that ``SMOKE_TEST=1`` (set by the test suite) shrinks the run and
@@ -11,9 +12,19 @@ import os
 import platform
 import re
 import subprocess
+import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -102,3 +113,119 @@ def source_revision(root: str | os.PathLike[str] | None = None) -> str | None:
     except (OSError, subprocess.CalledProcessError):  # not a git checkout
         return None
     return f"{commit} + uncommitted changes to src/" if changes else commit
+
+
+# -- meters: memory, compute, time -------------------------------------------------------------
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated inside the ``with`` block and alive at once.
+
+    Every operator's outputs are counted when created and uncounted when their storage is freed,
+    so the peak covers everything a computation holds at its worst moment: iterates, activations
+    saved for backward, CG's vectors. Inputs created before the block are not counted. It measures
+    the same on every device (no allocator caching), which makes it the book's memory figure.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = id(storage)
+                if key not in self._live:
+                    self._live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+class SavedTensorMeter:
+    """Peak bytes of tensors that autograd holds for the backward pass (a ``with`` block).
+
+    Counts what ``torch.autograd`` (not ``torch.func``) saves: each saved tensor from when the
+    forward pass stores it until the graph releases it. A tensor saved twice counts twice.
+    """
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+        self._hooks = saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
+        nbytes = tensor.numel() * tensor.element_size()
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        box = _Saved(tensor)
+        weakref.finalize(box, self._release, nbytes)  # runs when autograd drops the saved tensor
+        return box
+
+    @staticmethod
+    def _unpack(box: _Saved) -> torch.Tensor:
+        return box.tensor
+
+    def _release(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+class _Saved:
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def peak_memory(fn: Callable[[], T]) -> tuple[int, T]:
+    """``(peak bytes, fn())``: :class:`PeakTensorMemory` of one call of ``fn``."""
+    with PeakTensorMemory() as meter:
+        result = fn()
+    return meter.peak, result
+
+
+def flop_count(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of ``fn``, as PyTorch's FLOP counter counts them
+    (matrix products and convolutions; elementwise operations count zero)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _synchronize(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], Any], *, repeats: int = 5, device: torch.device | str | None = None) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn``, in seconds.
+
+    The GPU (when ``device`` is one) is synchronised before each clock reading, so the time covers
+    the work, not its launch. The minimum is the run least disturbed by other work on the machine.
+    Time a warmed-up ``fn``: the first call may include compilation or allocation.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
