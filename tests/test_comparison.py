@@ -13,9 +13,9 @@ from gbml import comparison
 from gbml.comparison import (
     ComparisonConfig,
     initial_params,
-    mean_and_ci95,
     meta_train,
     run_comparison,
+    student_ci95,
     t_quantile_975,
 )
 from reference import adapted_params, relative_error
@@ -40,12 +40,12 @@ def test_t_quantile_matches_the_tables(df, table):
     assert t_quantile_975(df) == pytest.approx(table, abs=1e-3)
 
 
-def test_mean_and_ci95_by_hand():
-    mean, half_width = mean_and_ci95([1.0, 2.0, 3.0])  # s = 1, n = 3, t = 4.303
+def test_student_ci95_by_hand():
+    mean, half_width = student_ci95([1.0, 2.0, 3.0])  # s = 1, n = 3, t = 4.303
     assert mean == 2.0
     assert half_width == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
     with pytest.raises(ValueError, match="at least two"):
-        mean_and_ci95([1.0])
+        student_ci95([1.0])
 
 
 @pytest.mark.parametrize(

@@ -123,11 +123,11 @@ class ComparisonResult:
 
     def summary(self, method: str, *, adapted: bool = True) -> tuple[float, float]:
         """Mean over seeds and the half-width of its 95% CI (Student's t)."""
-        return mean_and_ci95(self.after[method] if adapted else self.before[method])
+        return student_ci95(self.after[method] if adapted else self.before[method])
 
     def difference(self, method: str, baseline: str) -> tuple[float, float]:
         """Mean and 95% CI half-width of ``method`` minus ``baseline`` after adaptation, paired by seed."""
-        return mean_and_ci95([a - b for a, b in zip(self.after[method], self.after[baseline])])
+        return student_ci95([a - b for a, b in zip(self.after[method], self.after[baseline])])
 
 
 def t_quantile_975(df: int) -> float:
@@ -158,7 +158,7 @@ def t_quantile_975(df: int) -> float:
     return (low + high) / 2
 
 
-def mean_and_ci95(values: Sequence[float]) -> tuple[float, float]:
+def student_ci95(values: Sequence[float]) -> tuple[float, float]:
     """Mean of a few independent runs and its 95% CI half-width, t₀.₉₇₅(n − 1)·s/√n."""
     n = len(values)
     if n < 2:
