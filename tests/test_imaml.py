@@ -138,6 +138,64 @@ def test_cg_reports_an_indefinite_system():
     assert float(result.relative_residual) > 1e-3  # did not pretend to converge
 
 
+def symmetric_with_eigenvalues(generator, eigenvalues):
+    """Q diag(eigenvalues) Qᵀ with a random orthogonal Q, in float64."""
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+@pytest.mark.parametrize("kind", ["positive definite", "indefinite"])
+def test_extreme_eigenvalues_match_eigvalsh(kind, generator):
+    from gbml.cg import extreme_eigenvalues
+
+    n = 40
+    b = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    if kind == "positive definite":
+        a = b @ b.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    else:
+        a = (b + b.T) / 2  # a symmetric Gaussian matrix: eigenvalues of both signs
+    expected = torch.linalg.eigvalsh(a)
+    assert (expected[0] > 0) == (kind == "positive definite")
+    scale = float(expected.abs().max())
+    # the whole Krylov space (k = n, or more, clamped to n): the extreme eigenvalues exactly
+    for k in (n, n + 5):
+        low, high = extreme_eigenvalues(lambda v: a @ v, n, k, generator)
+        assert abs(low - float(expected[0])) < 1e-10 * scale, (low, expected[0])
+        assert abs(high - float(expected[-1])) < 1e-10 * scale, (high, expected[-1])
+    # fewer steps: estimates from inside the spectrum, never beyond it
+    low, high = extreme_eigenvalues(lambda v: a @ v, n, 8, generator)
+    assert float(expected[0]) - 1e-12 * scale <= low < high <= float(expected[-1]) + 1e-12 * scale
+    not_yet_exact = low > float(expected[0]) + 1e-6 * scale or high < float(expected[-1]) - 1e-6 * scale
+    assert not_yet_exact  # 8 steps of a 40-dimensional space: the test above is not trivial
+
+
+def test_extreme_eigenvalues_find_isolated_extremes_in_few_steps(generator):
+    """A negative outlier and a positive one around a bulk, like a network's Hessian: 20 products
+    of a 300 × 300 operator pin both down."""
+    from gbml.cg import extreme_eigenvalues
+
+    bulk = torch.linspace(0.0, 1.0, 298, dtype=torch.float64)
+    outliers = torch.tensor([-5.0, 10.0], dtype=torch.float64)
+    a = symmetric_with_eigenvalues(generator, torch.cat([outliers, bulk]))
+    low, high = extreme_eigenvalues(lambda v: a @ v, 300, 20, generator)
+    assert low == pytest.approx(-5.0, rel=1e-8)
+    assert high == pytest.approx(10.0, rel=1e-8)
+
+
+def test_extreme_eigenvalues_stop_when_the_krylov_space_is_invariant(generator):
+    """Three distinct eigenvalues: the Krylov space has dimension 3, and asking for more steps
+    must neither divide by a vanishing vector nor invent eigenvalues."""
+    from gbml.cg import extreme_eigenvalues
+
+    a = symmetric_with_eigenvalues(generator, [-2.0] * 10 + [0.0] * 20 + [3.0] * 10)
+    low, high = extreme_eigenvalues(lambda v: a @ v, 40, 25, generator)
+    assert low == pytest.approx(-2.0, rel=1e-12)
+    assert high == pytest.approx(3.0, rel=1e-12)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        extreme_eigenvalues(lambda v: a @ v, 40, 0, generator)
+
+
 def quartic_with_coupling(params):
     """f(w) = Σ w⁴ + w₀w₁w₂, whose gradient and Hessian are written out below."""
     w = params["w"]
