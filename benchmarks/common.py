@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import gbml
+from gbml.notebook import timed_calls
 
 ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "imaml")
 
@@ -109,13 +110,7 @@ def time_step(step, device: torch.device, iterations: int, warmup: int) -> dict:
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(iterations):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = timed_calls(step, repeats=iterations, device=device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
         "median_ms": 1000 * statistics.median(times),

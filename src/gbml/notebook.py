@@ -212,12 +212,14 @@ def _synchronize(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_time(fn: Callable[[], Any], *, repeats: int = 5, device: torch.device | str | None = None) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn``, in seconds.
+def timed_calls(
+    fn: Callable[[], Any], *, repeats: int, device: torch.device | str | None = None
+) -> list[float]:
+    """The wall time of each of ``repeats`` calls of ``fn``, in seconds.
 
-    The GPU (when ``device`` is one) is synchronised before each clock reading, so the time covers
-    the work, not its launch. The minimum is the run least disturbed by other work on the machine.
-    Time a warmed-up ``fn``: the first call may include compilation or allocation.
+    The GPU (when ``device`` is one) is synchronised before each clock reading, so each time covers
+    the work, not its launch. Time a warmed-up ``fn``: the first call may include compilation or
+    allocation.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
@@ -228,4 +230,10 @@ def best_time(fn: Callable[[], Any], *, repeats: int = 5, device: torch.device |
         fn()
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_time(fn: Callable[[], Any], *, repeats: int = 5, device: torch.device | str | None = None) -> float:
+    """The fastest of ``repeats`` :func:`timed_calls` of ``fn``, in seconds: the run least
+    disturbed by other work on the machine."""
+    return min(timed_calls(fn, repeats=repeats, device=device))
