@@ -176,3 +176,19 @@ def test_an_algorithm_checks_its_arguments_once_not_per_task(algorithm, batched,
         gbml.make_loss(model, criterion), clone_params(model), *tasks.task(0).support, lr=0.1, steps=1
     )
     assert calls == ["check_learning_rate", "check_steps"]  # the public function still checks
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.0, True, None, "5"])
+def test_counts_must_be_positive_integers(value):
+    from gbml.errors import check_positive_integer
+
+    with pytest.raises(ValueError, match="shots must be a positive integer"):
+        check_positive_integer("shots", value)
+    with pytest.raises(ValueError, match="shots must be a positive integer"):
+        gbml.SinusoidTasks().sample(2, value, 3)
+
+
+def test_a_positive_integer_passes():
+    from gbml.errors import check_positive_integer
+
+    check_positive_integer("shots", 1)

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from gbml.adapt import check_learning_rate, check_steps, task_adapt
-from gbml.errors import DivergenceError
+from gbml.errors import DivergenceError, check_positive_integer
 from gbml.models import finn_omniglot_net, make_loss
 from gbml.notebook import machine_description, source_revision
 from gbml.omniglot import OmniglotTasks
@@ -50,9 +50,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "classes_per_batch", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_integer(name, getattr(self, name))
         check_learning_rate("lr", self.lr)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp
 
+from gbml.errors import check_positive_integer
 from gbml.params import Params
 
 
@@ -109,10 +110,8 @@ def extreme_eigenvalues(
     gradient will fail. The iteration stops early, with exact Ritz values of an invariant
     subspace, if the Krylov space stops growing (at most k = n steps are taken).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    check_positive_integer("n", n)
+    check_positive_integer("k", k)
     k = min(k, n)
     start = torch.randn(n, generator=generator, dtype=dtype).to(device)
     basis = torch.empty(k, n, dtype=dtype, device=start.device)

@@ -25,7 +25,7 @@ from torch.func import vmap
 
 from gbml.adapt import LossFn, check_learning_rate, check_steps
 from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
-from gbml.errors import DivergenceError
+from gbml.errors import DivergenceError, check_positive_integer
 from gbml.meta import meta_step
 from gbml.models import SinusoidMLP, make_loss
 from gbml.params import Params, detached, parameters_of
@@ -75,9 +75,7 @@ class ComparisonConfig:
             "test_tasks",
             "test_queries",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_integer(name, getattr(self, name))
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(
                 f"seeds must be at least two distinct seeds (a CI needs two), got {self.seeds!r}"
@@ -136,8 +134,7 @@ def t_quantile_975(df: int) -> float:
     Solves CDF(t) = 0.975 by bisection, with the CDF integrated from the density by Simpson's rule
     (accurate to about 1e-6 here; the standard library has no t distribution).
     """
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
-        raise ValueError(f"df must be a positive integer, got {df!r}")
+    check_positive_integer("df", df)
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
     def density(t: float) -> float:

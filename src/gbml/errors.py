@@ -45,3 +45,9 @@ def raise_if_not_finite(
         f"(query losses of the batch: {losses.tolist()[:8]}{' …' if losses.numel() > 8 else ''}). "
         "The learning rates are probably too large; φ was left unchanged."
     )
+
+
+def check_positive_integer(name: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an ``int`` ≥ 1 (``True`` is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

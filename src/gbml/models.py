@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gbml.errors import check_positive_integer
 from gbml.params import Params
 
 
@@ -134,8 +135,7 @@ class ConvNet(nn.Module):
             ("hidden", hidden),
             ("blocks", blocks),
         ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_integer(name, value)
         convolutions = {"native": nn.Conv2d, "unfold": UnfoldConv2d}
         if conv not in convolutions:
             raise ValueError(f"conv must be 'native' or 'unfold', got {conv!r}")

@@ -24,6 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from gbml.errors import check_positive_integer
+
 T = TypeVar("T")
 
 
@@ -221,8 +223,7 @@ def timed_calls(
     the work, not its launch. Time a warmed-up ``fn``: the first call may include compilation or
     allocation.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    check_positive_integer("repeats", repeats)
     times = []
     for _ in range(repeats):
         _synchronize(device)

@@ -67,7 +67,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from gbml.errors import CorruptDataError, MissingDataError
+from gbml.errors import CorruptDataError, MissingDataError, check_positive_integer
 from gbml.tasks import Task, TaskFamily, check_counts
 
 DATA_DIR_ENV = "GBML_DATA_DIR"
@@ -156,8 +156,7 @@ def omniglot_split(split: str, num_characters: int = NUM_CHARACTERS) -> list[int
     """
     if split not in SPLITS:
         raise ValueError(f"unknown Omniglot split {split!r}; expected one of {sorted(SPLITS)}")
-    if isinstance(num_characters, bool) or not isinstance(num_characters, int) or num_characters < 1:
-        raise ValueError(f"num_characters must be a positive integer, got {num_characters!r}")
+    check_positive_integer("num_characters", num_characters)
     part = SPLITS[split]
 
     def scaled(boundary: int) -> int:  # exact for the full data set: boundary·1623/1623
@@ -456,8 +455,7 @@ class OmniglotTasks(TaskFamily):
         download: bool = True,
     ) -> None:
         omniglot_split(split)  # validates the name before any loading
-        if not isinstance(ways, int) or isinstance(ways, bool) or ways < 1:
-            raise ValueError(f"ways must be a positive integer, got {ways!r}")
+        check_positive_integer("ways", ways)
         if data is None:
             data = load_omniglot(root, download)
         if not isinstance(data, Omniglot):

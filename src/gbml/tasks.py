@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gbml.errors import check_positive_integer
+
 
 class Task(NamedTuple):
     """One task (or a batch of tasks): support set ``(x_support, y_support)``, query set
@@ -111,8 +113,7 @@ def stack_tasks(tasks: list[Task]) -> Task:
 def check_counts(num_tasks: int, shots: int, queries: int) -> None:
     """Raise ValueError unless the task, shot and query counts are positive integers."""
     for name, value in (("num_tasks", num_tasks), ("shots", shots), ("queries", queries)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_integer(name, value)
 
 
 class TaskFamily(ABC):
@@ -224,8 +225,7 @@ class LinearRegressionTasks(TaskFamily):
     noise_std: float = 0.1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dim, int) or self.dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
+        check_positive_integer("dim", self.dim)
         if self.weight_std < 0 or self.noise_std < 0:
             raise ValueError("weight_std and noise_std must be non-negative")
 

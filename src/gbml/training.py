@@ -27,6 +27,7 @@ from torch.func import vmap
 from gbml.adapt import LossFn
 from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
 from gbml.compiled import CompiledMetaStep
+from gbml.errors import check_positive_integer
 from gbml.meta import MetaStepResult, choose_batched, meta_step
 from gbml.models import ConvNet, SinusoidMLP, finn_omniglot_net, make_loss
 from gbml.notebook import machine_description, resolve_device, source_revision
@@ -114,9 +115,7 @@ class TrainConfig:
             "validate_every",
             "validation_tasks",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_integer(name, getattr(self, name))
         if self.eval_inner_steps is not None and self.eval_inner_steps < 0:
             raise ValueError(f"eval_inner_steps must be non-negative, got {self.eval_inner_steps!r}")
         if not self.outer_lr > 0:
