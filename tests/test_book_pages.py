@@ -178,3 +178,34 @@ def test_source_revision_names_the_commit_and_flags_uncommitted_source(tmp_path,
     assert tool.source_revision() is None
     monkeypatch.setenv("GBML_SOURCE_REVISION", "abc123def456")  # a copy told its commit
     assert tool.source_revision() == "abc123def456"
+
+
+# -- Part I is read, not scrolled -----------------------------------------------------------------
+
+
+def test_chapter_size_counts_prose_and_shown_code(tmp_path):
+    tool = load_tool("chapter_size")
+    assert tool.prose_words("Two words $\\alpha + \\beta$ and $$x = y$$ `code` <b>bold</b>") == 5
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_markdown_cell("one two three"),
+        nbformat.v4.new_code_cell("a = 1\n\nb = 2"),
+        nbformat.v4.new_code_cell("c = 3", metadata={"tags": ["hide-input"]}),
+    ]
+    path = tmp_path / "01_x.ipynb"
+    nbformat.write(notebook, path)
+    assert tool.chapter_size(path) == (3, 2, 1)
+
+
+@pytest.mark.parametrize(
+    "stem", ["01_notation", "02_maml", "03_fomaml", "04_reptile", "05_imaml", "06_unified"]
+)
+def test_part_one_chapters_stay_within_their_budget(stem):
+    tool = load_tool("chapter_size")
+    assert stem in tool.PART_ONE
+    size = tool.chapter_size(ROOT / "book" / f"{stem}.ipynb")
+    assert size.words <= tool.MAX_WORDS, f"{stem}: {size.words} words of prose (budget {tool.MAX_WORDS})"
+    assert size.code_lines <= tool.MAX_CODE_LINES, (
+        f"{stem}: {size.code_lines} shown code lines (budget {tool.MAX_CODE_LINES}); "
+        "fold plumbing or move it to src/"
+    )
