@@ -133,6 +133,7 @@ def test_a_diverging_method_raises():
         run_comparison(cfg, make_model=small_net)
 
 
+@pytest.mark.filterwarnings("ignore:iMAML's conjugate gradient missed")  # 3 tiny tasks, 5 CG steps
 def test_run_comparison_is_reproducible_and_paired():
     cfg = config(test_tasks=6, test_queries=5)
     first = run_comparison(cfg, make_model=small_net, dtype=F64)
