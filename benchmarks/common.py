@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import gbml
-from gbml.notebook import timed_calls
+from gbml.notebook import synchronize, timed_calls
 
 ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "imaml")
 
@@ -97,11 +96,6 @@ def configure(device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_step(step, device: torch.device, iterations: int, warmup: int) -> dict:
     """Median wall time of ``step()`` over ``iterations`` after ``warmup`` calls, with the GPU
     synchronised before every clock read, and the peak GPU memory the step reached."""
@@ -132,11 +126,7 @@ def time_steps_interleaved(steps: dict, device: torch.device, iterations: int, w
     times = {name: [] for name in names}
     for i in range(iterations):
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            synchronize(device)
-            start = time.perf_counter()
-            steps[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name] += timed_calls(steps[name], repeats=1, device=device)
     return {
         name: {
             "median_ms": 1000 * statistics.median(t),

@@ -14,6 +14,7 @@ support set), the comparison Finn et al. (2017) make.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
 from gbml.errors import DivergenceError, check_positive_integer
 from gbml.meta import meta_step
 from gbml.models import SinusoidMLP, make_loss
+from gbml.notebook import synchronize
 from gbml.params import Params, detached, parameters_of
 from gbml.tasks import SinusoidTasks, Task, TaskFamily
 
@@ -134,7 +136,12 @@ def t_quantile_975(df: int) -> float:
     Solves CDF(t) = 0.975 by bisection, with the CDF integrated from the density by Simpson's rule
     (accurate to about 1e-6 here; the standard library has no t distribution).
     """
-    check_positive_integer("df", df)
+    check_positive_integer("df", df)  # before the cache, which would take True for 1
+    return _t_quantile_975(df)
+
+
+@functools.cache  # a pure function of df, costly (about 2·10⁵ density evaluations), asked often
+def _t_quantile_975(df: int) -> float:
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
     def density(t: float) -> float:
@@ -255,8 +262,7 @@ def run_comparison(
         for method in config.methods:
             start = time.perf_counter()
             phi = meta_train(method, config, loss, phi0, family, seed, device=device, dtype=dtype)
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             seconds = time.perf_counter() - start
             after = float(test_losses(method, config, loss, phi, test_tasks).mean())
             before = float(query_losses_at(loss, phi, test_tasks).mean())

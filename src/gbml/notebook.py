@@ -209,7 +209,9 @@ def flop_count(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def _synchronize(device: torch.device | str | None) -> None:
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the GPU's queued work when ``device`` is a CUDA device (before reading a clock);
+    nothing otherwise."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -226,10 +228,10 @@ def timed_calls(
     check_positive_integer("repeats", repeats)
     times = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
