@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -30,9 +31,10 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert evaluation["ci95"] > 0 and math.isfinite(evaluation["mean"])
 
 
-def killed_at(monkeypatch, iteration, run):
-    """Run ``run()`` with training killed (KeyboardInterrupt) at meta-iteration ``iteration``."""
-    real_meta_step, calls = training.meta_step, {"n": 0}
+def killed_at(monkeypatch, iteration, run, step="meta_step"):
+    """Run ``run()`` with training killed (KeyboardInterrupt) at meta-iteration ``iteration``
+    (counted in calls of ``gbml.training``'s function ``step``)."""
+    real_meta_step, calls = getattr(training, step), {"n": 0}
 
     def crashing_meta_step(*args, **kwargs):
         calls["n"] += 1
@@ -40,10 +42,10 @@ def killed_at(monkeypatch, iteration, run):
             raise KeyboardInterrupt
         return real_meta_step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "meta_step", crashing_meta_step)
+    monkeypatch.setattr(training, step, crashing_meta_step)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(training, "meta_step", real_meta_step)
+    monkeypatch.setattr(training, step, real_meta_step)
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
@@ -130,6 +132,54 @@ def test_omniglot_training_on_tiny_settings(dataset, tmp_path, monkeypatch, caps
     assert characters == (
         {"train": 1100, "val": 100, "test": 423} if full else {"train": 34, "val": 3, "test": 13}
     )
+
+
+def test_a_carried_inner_state_is_checkpointed_resumed_and_evaluated_from(tmp_path, monkeypatch):
+    """Nichol et al.'s protocol at tiny size on the miniature: the carried Adam state goes into
+    last.pt and final.pt, a killed run resumes to the same φ and state, and evaluation adapts
+    from the state (not from fresh moments)."""
+    from gbml.protocols import OMNIGLOT_RUNS, smoke_version
+
+    monkeypatch.setenv("GBML_CACHE_DIR", str(tmp_path / "cache"))
+    config = replace(
+        smoke_version(OMNIGLOT_RUNS["reptile-5w1s"], iterations=6), dataset="omniglot-mini", device="cpu"
+    )
+    assert config.inner_state == "carried"
+    training.train(config, tmp_path / "straight", progress=False)
+    killed_at(
+        monkeypatch,
+        5,
+        lambda: training.train(config, tmp_path / "killed", progress=False),
+        step="carried_meta_gradient",
+    )
+    training.train(config, tmp_path / "killed", resume=True, progress=False)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert straight["inner_state"]["step"] == 6 * config.meta_batch * config.inner_steps
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    for moment in ("m", "v"):
+        for name, value in straight["inner_state"][moment].items():
+            assert torch.equal(value, resumed["inner_state"][moment][name]), name
+    assert resumed["history"]["val"][-1]["mean"] == straight["history"]["val"][-1]["mean"]
+
+    training.export_run(tmp_path / "straight", test_tasks=0)
+    loaded_config, problem, phi = training.load_checkpoint(tmp_path / "straight" / "final.pt", "cpu")
+    assert problem.inner_state is not None and problem.inner_state.step == straight["inner_state"]["step"]
+    # The last validation in training adapted from the state of that moment: the loaded state
+    # reproduces it exactly.
+    again = training.evaluate(
+        loaded_config, phi, problem, split="val", num_tasks=config.validation_tasks, seed=config.seed + 1
+    )
+    assert again["mean"] == straight["history"]["val"][-1]["mean"]
+    # Evaluation starts from the state, not from fresh moments: the adapted networks differ.
+    task = problem.tasks["val"].sample(1, config.shots, 1, torch.Generator().manual_seed(0)).task(0)
+    steps = loaded_config.test_inner_steps
+    from_state = loaded_config.make_algorithm(steps, start_state=problem.inner_state).adapt(
+        problem.loss, phi, *task.support
+    )
+    from_zeros = loaded_config.make_algorithm(steps).adapt(problem.loss, phi, *task.support)
+    assert max(float((from_state[n] - from_zeros[n]).abs().max()) for n in phi) > 1e-4
 
 
 def test_missing_omniglot_data_is_a_clear_error(tmp_path, monkeypatch, capsys):

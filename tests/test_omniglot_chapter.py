@@ -70,7 +70,11 @@ def test_there_are_committed_runs_and_each_follows_its_protocol():
         assert summary["test"]["tasks"] == 600 and len(summary["test"]["per_task"]) == 600
         assert folder.name in PUBLISHED
         final = torch.load(folder / "final.pt", weights_only=True)
-        assert final["iteration"] == summary["iterations"] and set(final) == {"config", "iteration", "model"}
+        # Meta-parameters only, no optimizer state; a carried inner Adam state is part of the
+        # result (meta-test tasks adapt from it), so it is kept.
+        carried = {"inner_state"} if saved["inner_state"] == "carried" else set()
+        assert final["iteration"] == summary["iterations"]
+        assert set(final) == {"config", "iteration", "model"} | carried, folder.name
 
 
 # One committed run of each algorithm (its first setting).

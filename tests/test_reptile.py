@@ -61,10 +61,11 @@ def _class_major_task(generator, ways=3, shots=2, queries=3):
     return gbml.Task(*part(shots), *part(queries))
 
 
-def _hand_minibatch_reptile(model, task, lr, steps, batch, optimizer="sgd", support_only=False):
+def _hand_minibatch_reptile(model, task, lr, steps, batch, optimizer="sgd", support_only=False, carried=None):
     """Nichol et al.'s inner loop written out: class-interleaved order, consecutive blocks,
     cycling, one SGD step per block (or one step of torch.optim.Adam with β₁ = 0, started
-    afresh); autograd on the module, no torch.func. Returns φ − θ."""
+    afresh, or with ``carried=(theta, adam)`` their one optimiser: θ reset to φ, Adam's state
+    kept); autograd on the module, no torch.func. Returns φ − θ."""
     x = task.x_support if support_only else torch.cat([task.x_support, task.x_query])
     y = task.y_support if support_only else torch.cat([task.y_support, task.y_query])
     by_class = {int(c): [i for i in range(len(y)) if int(y[i]) == c] for c in y.unique()}
@@ -75,9 +76,15 @@ def _hand_minibatch_reptile(model, task, lr, steps, batch, optimizer="sgd", supp
         if r < len(members)
     ]
     x, y = x[order], y[order]
-    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
     names = [name for name, _ in model.named_parameters()]
-    adam = torch.optim.Adam(theta, lr=lr, betas=(0.0, 0.999), eps=1e-8, foreach=False)
+    if carried is None:
+        theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        adam = torch.optim.Adam(theta, lr=lr, betas=(0.0, 0.999), eps=1e-8, foreach=False)
+    else:
+        theta, adam = carried
+        with torch.no_grad():
+            for t, p in zip(theta, model.parameters(), strict=True):
+                t.copy_(p)
     for step in range(steps):
         block = [(step * batch + i) % len(y) for i in range(batch)]
         logits = torch.func.functional_call(model, dict(zip(names, theta, strict=True)), (x[block],))
@@ -203,3 +210,83 @@ def test_inner_batch_belongs_to_reptile_only():
         TrainConfig(algorithm="maml", inner_optimizer="adam")
     algorithm = TrainConfig(algorithm="reptile", inner_optimizer="adam", inner_lr=1e-3).make_algorithm()
     assert algorithm.inner_optimizer == "adam" and algorithm.betas == (0.0, 0.999)
+
+
+def _nichols_optimizer(model, lr):
+    """Their code's single inner optimiser: fast weights and one torch.optim.Adam (β₁ = 0) over them."""
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    return theta, torch.optim.Adam(theta, lr=lr, betas=(0.0, 0.999), eps=1e-8, foreach=False)
+
+
+def test_carried_inner_state_is_one_torch_adam_through_the_tasks(generator, conv_setup):
+    """carried_meta_gradient against Nichol et al.'s training written out: the tasks in turn, θ
+    reset to φ before each, one torch.optim.Adam whose moments and step count go on from task to
+    task. Then meta-test adaptation from the carried state against a copy of that Adam."""
+    import copy
+
+    model, criterion = conv_setup
+    loss, phi = gbml.make_loss(model, criterion), clone_params(model)
+    task_list = [_class_major_task(generator) for _ in range(3)]
+    tasks = gbml.Task(*(torch.stack(parts) for parts in zip(*task_list, strict=True)))
+    reptile = gbml.Reptile(inner_lr=0.01, inner_steps=4, inner_batch=6, inner_optimizer="adam")
+    start = gbml.InnerAdamState.zeros(phi)
+    mean, info, end = gbml.carried_meta_gradient(reptile, loss, phi, tasks, start)
+
+    theta, adam = _nichols_optimizer(model, 0.01)
+    hand = [
+        _hand_minibatch_reptile(model, t, 0.01, 4, 6, optimizer="adam", carried=(theta, adam))
+        for t in task_list
+    ]
+    expected = {name: torch.stack([d[name] for d in hand]).mean(0) for name in phi}
+    assert relative_error(mean, expected) < 1e-8 and info["query_loss"].shape == (3,)
+    assert end.step == 12 and start.step == 0 and all(float(v.abs().max()) == 0 for v in start.v.values())
+    hand_v = {name: adam.state[t]["exp_avg_sq"] for name, t in zip(phi, theta, strict=True)}
+    assert relative_error(end.v, hand_v) < 1e-10
+    # Carrying changes the second and third tasks' Δ (the first starts from zeros either way).
+    fresh, _ = gbml.meta_gradient(reptile, loss, phi, tasks, batched=False)
+    assert relative_error(mean, fresh) > 1e-3
+
+    # Meta-test: a copy of their optimiser, support set only; the carried state is left as it was.
+    test_task = _class_major_task(generator)
+    snapshot = copy.deepcopy(adam.state_dict())
+    evaluated = gbml.Reptile(inner_lr=0.01, inner_steps=5, inner_optimizer="adam", start_state=end)
+    adapted = evaluated.adapt(loss, phi, *test_task.support)
+    adam.load_state_dict(snapshot)
+    hand_delta = _hand_minibatch_reptile(
+        model, test_task, 0.01, 5, 6, optimizer="adam", support_only=True, carried=(theta, adam)
+    )
+    assert relative_error(adapted, {name: phi[name] - d for name, d in hand_delta.items()}) < 1e-8
+    assert end.step == 12 and relative_error(end.v, hand_v) < 1e-10  # untouched by adapt
+    # vmap over test tasks from the carried state agrees with the loop (the evaluation path).
+    per_task = [evaluated.adapt(loss, phi, *t.support) for t in task_list]
+    looped = {name: torch.stack([theta_t[name] for theta_t in per_task]) for name in phi}
+    batched = torch.func.vmap(lambda t: evaluated.adapt(loss, phi, *t.support), randomness="error")(tasks)
+    assert relative_error(batched, looped) < 1e-8
+
+
+def test_a_carried_state_needs_adam():
+    state = gbml.InnerAdamState.zeros({"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="start_state is the inner Adam's state"):
+        gbml.Reptile(inner_lr=0.1, start_state=state)
+    with pytest.raises(ValueError, match="carried inner state is Adam's"):
+        gbml.Reptile(inner_lr=0.1).carried_task_delta(None, {}, None, state)
+    for options in (
+        {"algorithm": "maml"},
+        {"algorithm": "reptile"},  # plain gradient steps: nothing to carry
+        {"algorithm": "reptile", "inner_optimizer": "adam", "batched": "compile"},
+    ):
+        with pytest.raises(ValueError, match="inner_state='carried'"):
+            TrainConfig(**options, inner_state="carried")
+    with pytest.raises(ValueError, match="inner_state must be"):
+        TrainConfig(algorithm="reptile", inner_optimizer="adam", inner_state="kept")
+
+
+def test_a_carried_state_round_trips_through_a_checkpoint(tmp_path):
+    state = gbml.InnerAdamState({"w": torch.randn(3)}, {"w": torch.rand(3)}, 7)
+    torch.save(state.state_dict(), tmp_path / "s.pt")
+    again = gbml.InnerAdamState.from_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert (
+        again.step == 7
+        and torch.equal(again.m["w"], state.m["w"])
+        and torch.equal(again.v["w"], state.v["w"])
+    )

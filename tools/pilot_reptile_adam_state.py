@@ -110,9 +110,9 @@ def train(variant: str, config, problem, phi0: dict, iterations: int, validate_e
             optimizer = carried if variant == "carried" else InnerAdam(phi, config.inner_lr)
             theta = adapt(problem.loss, phi, x, y, optimizer, config.inner_steps, config.inner_batch)
             if iteration == 0 and t == 0 and variant == "fresh":
-                reference, _ = config.make_algorithm()._inner_loop(
+                reference = config.make_algorithm()._inner_loop(
                     problem.loss, phi, x, y, batch=config.inner_batch
-                )
+                )[0]
                 # Batch norm cancels a convolution's bias, so its gradient is rounding noise, which
                 # Adam's normalisation turns into full-size steps: compare everything else.
                 cancelled = {

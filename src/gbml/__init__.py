@@ -6,10 +6,10 @@ of tasks (with ``vmap`` or a loop) and hands the mean to any torch optimizer.
 """
 
 from gbml.adapt import LossFn, proximal_task_adapt, task_adapt
-from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
+from gbml.algorithms import FOMAML, IMAML, MAML, InnerAdamState, MetaAlgorithm, Reptile
 from gbml.cg import CGResult, conjugate_gradient, hessian_vector_product
 from gbml.errors import ConvergenceError, CorruptDataError, DivergenceError, MissingDataError
-from gbml.meta import MetaStepResult, choose_batched, meta_gradient, meta_step
+from gbml.meta import MetaStepResult, carried_meta_gradient, choose_batched, meta_gradient, meta_step
 from gbml.models import CompositeBatchNorm2d, ConvNet, SinusoidMLP, UnfoldConv2d, finn_omniglot_net, make_loss
 from gbml.omniglot import OmniglotTasks, load_omniglot, load_omniglot_miniature
 from gbml.params import Params, parameters_of
@@ -27,6 +27,7 @@ __all__ = [
     "ConvergenceError",
     "CorruptDataError",
     "DivergenceError",
+    "InnerAdamState",
     "LinearRegressionTasks",
     "LossFn",
     "MetaAlgorithm",
@@ -40,6 +41,7 @@ __all__ = [
     "Task",
     "TaskFamily",
     "UnfoldConv2d",
+    "carried_meta_gradient",
     "choose_batched",
     "conjugate_gradient",
     "finn_omniglot_net",

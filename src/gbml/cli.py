@@ -74,8 +74,13 @@ TRAIN_OPTIONS: dict[str, tuple[type, str, tuple[str, ...] | None]] = {
     "inner_batch": (int, "Reptile: each inner step on the next INNER_BATCH examples (default: all)", None),
     "inner_optimizer": (
         str,
-        "Reptile: plain gradient steps, or Adam's (β₁ = 0, fresh per task)",
+        "Reptile: plain gradient steps, or Adam's (β₁ = 0)",
         ("sgd", "adam"),
+    ),
+    "inner_state": (
+        str,
+        "Reptile's inner Adam: fresh moments per task, or one state carried across tasks (Nichol et al.)",
+        ("fresh", "carried"),
     ),
 }
 

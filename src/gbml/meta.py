@@ -18,8 +18,9 @@ from torch.func import vmap
 
 from gbml.adapt import LossFn
 from gbml.algorithms.base import MetaAlgorithm, TaskInfo
+from gbml.algorithms.reptile import InnerAdamState, Reptile
 from gbml.distributed import mean_over_processes
-from gbml.errors import non_finite_entries, raise_if_not_finite
+from gbml.errors import DivergenceError, non_finite_entries, raise_if_not_finite
 from gbml.models import ModelLoss, has_convolutions, has_native_batch_norm, has_running_statistics
 from gbml.params import Params, detached
 from gbml.tasks import Task, check_task
@@ -124,6 +125,31 @@ def per_task_deltas(
     deltas = {name: torch.stack([d[name] for d, _ in per_task]) for name in phi}
     info = {key: torch.stack([i[key] for _, i in per_task]) for key in per_task[0][1]}
     return deltas, info
+
+
+def carried_meta_gradient(
+    algorithm: Reptile, loss: LossFn, phi: Mapping[str, Tensor], tasks: Task, state: InnerAdamState
+) -> tuple[Params, TaskInfo, InnerAdamState]:
+    """(1/T) Σ_t Δ_t with the tasks taken in turn and one inner Adam carried through them.
+
+    Nichol et al.'s Reptile: task t's inner loop starts from the optimiser state in which task
+    t − 1's ended (the first from ``state``). Returns the mean Δ, the per-task diagnostics and the
+    state after the last task, which the next meta-iteration continues. The same checks as
+    :func:`meta_gradient`; a non-finite Δ_t, loss or carried moment raises ``DivergenceError``.
+    """
+    phi = checked_inputs(phi, tasks)
+    deltas, infos = [], []
+    for t in range(tasks.num_tasks):
+        delta, info, state = algorithm.carried_task_delta(loss, phi, tasks.task(t), state)
+        deltas.append(delta)
+        infos.append(info)
+    stacked = {name: torch.stack([d[name] for d in deltas]) for name in phi}
+    info = {key: torch.stack([i[key] for i in infos]) for key in infos[0]}
+    raise_if_not_finite(stacked, info)
+    if not all(bool(torch.isfinite(v).all()) for v in state.v.values()):  # would poison later tasks
+        raise DivergenceError("the carried inner Adam's second moments overflowed; φ was left unchanged")
+    algorithm.diagnose(info)
+    return {name: d.mean(dim=0) for name, d in stacked.items()}, info, state
 
 
 def checked_inputs(phi: Mapping[str, Tensor], tasks: Task) -> Params:

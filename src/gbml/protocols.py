@@ -17,7 +17,9 @@ al.'s (openai/supervised-reptile, :func:`nichol_protocol`).
 
 Every run batches its tasks with ``vmap`` (``batched=True``; ``"compile"`` compiles that step):
 on the 2-core CPU vmap is about twice as fast as the per-task loop at Finn et al.'s shape
-(``benchmarks/meta_step_speed.py --finn``), and on GPUs it is the fast path. Validation: 200 tasks
+(``benchmarks/meta_step_speed.py --finn``), and on GPUs it is the fast path. Reptile's carried
+inner state makes each task depend on the one before, so its training takes the tasks in turn
+and only its evaluation is batched. Validation: 200 tasks
 of the 100 validation characters every 250 iterations (Reptile's cheaper iterations: every 1,000).
 """
 
@@ -106,11 +108,12 @@ def nichol_protocol(ways: int, shots: int) -> TrainConfig:
     meta-iterations (200,000 for 20-way); at test, 50 steps on the K support images and one query
     image per class, predicted transductively.
 
-    The inner optimiser is theirs, Adam with β₁ = 0 and step 10⁻³, except that ``gbml`` starts
-    its moments afresh for every task where their code keeps them from task to task; at test
-    ``gbml`` steps on the whole support set where they use minibatches of 5 (10 for 20-way).
-    (Plain gradient steps in place of Adam were tried first and failed: see
-    ``results/omniglot/abandoned`` and the book's §8.3.)
+    The inner optimiser is theirs, Adam with β₁ = 0 and step 10⁻³, one optimiser for all tasks:
+    its moments are carried from task to task (``inner_state="carried"``: the tasks of a
+    meta-batch run in turn) and every validation and test task adapts from a copy of the training
+    state, as their evaluation does. At test ``gbml`` steps on the whole support set where they use
+    minibatches of 5 (10 for 20-way). Two earlier runs are kept under ``results/omniglot/abandoned``
+    (the book's §8.3): plain gradient steps in place of Adam, and Adam with fresh moments per task.
     """
     if ways not in (5, 20):
         raise ValueError(f"Nichol et al. ran 5-way and 20-way Omniglot, got ways={ways!r}")
@@ -127,6 +130,7 @@ def nichol_protocol(ways: int, shots: int) -> TrainConfig:
         inner_batch=10 if five_way else 20,
         eval_inner_steps=50,
         inner_optimizer="adam",
+        inner_state="carried",
         inner_lr=1e-3,
         meta_batch=5,
         outer_optimizer="sgd",

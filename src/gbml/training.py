@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from gbml.adapt import LossFn
-from gbml.algorithms import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
+from gbml.algorithms import FOMAML, IMAML, MAML, InnerAdamState, MetaAlgorithm, Reptile
 from gbml.compiled import CompiledMetaStep
 from gbml.errors import check_positive_integer
-from gbml.meta import MetaStepResult, choose_batched, meta_step
+from gbml.meta import MetaStepResult, apply_meta_gradient, carried_meta_gradient, choose_batched, meta_step
 from gbml.models import ConvNet, SinusoidMLP, finn_omniglot_net, make_loss
 from gbml.notebook import machine_description, resolve_device, source_revision
 from gbml.params import Params, detached, parameters_of
@@ -55,6 +55,9 @@ def batched_name(value: bool | str) -> str:
 
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
+#: TrainConfig.inner_state: Reptile's inner Adam started afresh for every task, or one carried
+#: from task to task through training and into evaluation (Nichol et al.'s code).
+INNER_STATES = ("fresh", "carried")
 #: The options a resumed run may change: its length, and where and along which code path it runs
 #: (every path computes the same meta-gradient up to rounding; the test suite checks this).
 EXECUTION_OPTIONS = ("iterations", "device", "batched")
@@ -72,6 +75,12 @@ class TrainConfig:
     ``network`` (Omniglot): ``"stride"`` is Finn et al.'s Omniglot network with their
     initialisation (:func:`gbml.models.finn_omniglot_net`); ``"max_pool"`` is
     ``ConvNet(ways)``: max pooling, batch norm with γ and β, PyTorch's default initialisation.
+
+    ``inner_state="carried"`` (Reptile with ``inner_optimizer="adam"``) keeps one inner Adam for
+    all tasks, as Nichol et al.'s code does: training takes a meta-batch's tasks in turn
+    (:func:`gbml.meta.carried_meta_gradient`), the state is checkpointed with the run, and
+    validation and meta-test tasks each adapt from a copy of it (:attr:`Problem.inner_state`).
+    ``batched`` then applies to evaluation only.
     """
 
     algorithm: str = "maml"
@@ -100,6 +109,7 @@ class TrainConfig:
     outer_lr_final: float | None = None
     inner_batch: int | None = None
     inner_optimizer: str = "sgd"
+    inner_state: str = "fresh"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -134,6 +144,15 @@ class TrainConfig:
             raise ValueError(f"inner_batch is Reptile's (minibatch inner steps), not {self.algorithm}'s")
         if self.inner_optimizer != "sgd" and self.algorithm != "reptile":
             raise ValueError(f"inner_optimizer {self.inner_optimizer!r} is Reptile's, not {self.algorithm}'s")
+        if self.inner_state not in INNER_STATES:
+            raise ValueError(f"inner_state must be 'fresh' or 'carried', got {self.inner_state!r}")
+        if self.inner_state == "carried" and (self.algorithm != "reptile" or self.inner_optimizer != "adam"):
+            raise ValueError("inner_state='carried' is for Reptile with inner_optimizer='adam'")
+        if self.inner_state == "carried" and self.batched == "compile":
+            raise ValueError(
+                "inner_state='carried' takes a meta-batch's tasks in turn: there is no batched step to "
+                "compile; use batched true (vmap at evaluation) or false"
+            )
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
         if not isinstance(self.batched, bool) and self.batched not in BATCHED:
@@ -163,7 +182,11 @@ class TrainConfig:
     def test_inner_steps(self) -> int:
         return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
 
-    def make_algorithm(self, inner_steps: int | None = None) -> MetaAlgorithm:
+    def make_algorithm(
+        self, inner_steps: int | None = None, start_state: InnerAdamState | None = None
+    ) -> MetaAlgorithm:
+        """The algorithm with this run's hyperparameters (``inner_steps`` steps if given, e.g. at
+        meta-test); Reptile's inner Adam starts from ``start_state`` if given."""
         steps = self.inner_steps if inner_steps is None else inner_steps
         if self.algorithm == "maml":
             return MAML(self.inner_lr, steps)
@@ -171,7 +194,11 @@ class TrainConfig:
             return FOMAML(self.inner_lr, steps)
         if self.algorithm == "reptile":
             return Reptile(
-                self.inner_lr, steps, inner_batch=self.inner_batch, inner_optimizer=self.inner_optimizer
+                self.inner_lr,
+                steps,
+                inner_batch=self.inner_batch,
+                inner_optimizer=self.inner_optimizer,
+                start_state=start_state,
             )
         # Truncated solves are iMAML's normal regime in training, so a missed tolerance warns.
         return IMAML(
@@ -239,6 +266,9 @@ class Problem:
         str, Any
     ]  # split name -> object with .sample(num_tasks, shots, queries, generator, device=...)
     higher_is_better: bool = field(default=False)
+    inner_state: InnerAdamState | None = None
+    """The inner optimiser's state of a run with ``inner_state="carried"`` (None otherwise):
+    evaluation adapts every task from a copy of it, as Nichol et al.'s code does."""
 
 
 def make_problem(config: TrainConfig, device: torch.device) -> Problem:
@@ -316,7 +346,7 @@ def evaluate(
     task's metric (``"per_task"``, a list of floats).
     """
     device = device or next(iter(phi.values())).device
-    algorithm = config.make_algorithm(config.test_inner_steps)
+    algorithm = config.make_algorithm(config.test_inner_steps, start_state=problem.inner_state)
     generator = torch.Generator().manual_seed(seed)
     values = []
     for start in range(0, num_tasks, chunk):
@@ -347,8 +377,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
 
     ``out_dir`` receives ``last.pt`` (written at every validation), ``best.pt`` (best validation
     metric so far) and ``history.json``. With ``resume=True`` an existing ``last.pt`` is continued:
-    the model, the optimizer, the task generator and the history are restored, so the resumed run
-    ends exactly where an uninterrupted one would.
+    the model, the optimizer, the task generator, the history (and a carried inner state) are
+    restored, so the resumed run ends exactly where an uninterrupted one would.
     """
     from tqdm.auto import tqdm
 
@@ -359,6 +389,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
     optimizer = config.make_outer_optimizer(params.values())
     algorithm = config.make_algorithm()
     generator = torch.Generator().manual_seed(config.seed)
+    if config.inner_state == "carried":
+        problem.inner_state = InnerAdamState.zeros(detached(params))
     history: dict[str, Any] = {"config": asdict(config), "train": [], "val": []}
     start = 0
     last = out_dir / "last.pt"
@@ -380,6 +412,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         problem.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
+        if config.inner_state == "carried":
+            problem.inner_state = InnerAdamState.from_state_dict(state["inner_state"], device)
         history, start = state["history"], state["iteration"]
         history["config"] = requested
     elif last.exists() and not resume:
@@ -396,9 +430,19 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
             "generator": generator.get_state(),
             "history": history,
         }
+        if problem.inner_state is not None:
+            state["inner_state"] = problem.inner_state.state_dict()
         save_checkpoint(out_dir / name, state)
 
-    if config.batched == "compile":
+    if config.inner_state == "carried":
+
+        def step(tasks: Task) -> MetaStepResult:
+            delta, info, problem.inner_state = carried_meta_gradient(
+                algorithm, problem.loss, params, tasks, problem.inner_state
+            )
+            return apply_meta_gradient(params, delta, info, optimizer)
+
+    elif config.batched == "compile":
         step = CompiledMetaStep(algorithm, problem.loss, params, optimizer)
     else:
 
@@ -460,6 +504,8 @@ def load_checkpoint(path: str | Path, device: str = "auto") -> tuple[TrainConfig
     target = resolve_device(device)
     problem = make_problem(config, target)
     problem.model.load_state_dict(state["model"])
+    if "inner_state" in state:
+        problem.inner_state = InnerAdamState.from_state_dict(state["inner_state"], target)
     return config, problem, parameters_of(problem.model)
 
 
@@ -492,8 +538,11 @@ def export_run(run_dir: str | Path, *, test_tasks: int = 600, device: str = "cpu
         raise FileNotFoundError(f"no checkpoint at {last}: train the run first")
     state = torch.load(last, map_location="cpu", weights_only=True)
     config, history, iteration = TrainConfig.from_dict(state["config"]), state["history"], state["iteration"]
+    # The carried inner Adam state (if any) is part of the meta-learned result: evaluation starts from it.
     save_checkpoint(
-        run_dir / "final.pt", {"config": state["config"], "iteration": iteration, "model": state["model"]}
+        run_dir / "final.pt",
+        {"config": state["config"], "iteration": iteration, "model": state["model"]}
+        | ({"inner_state": state["inner_state"]} if "inner_state" in state else {}),
     )
     train_losses, bins, start = [v["query_loss"] for v in history["train"]], [], 0
     for val in history["val"]:
