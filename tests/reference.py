@@ -28,24 +28,24 @@ def relative_error(a: Params | Tensor, b: Params | Tensor) -> float:
     return (num / den) ** 0.5
 
 
-def adapted_params(model, criterion, params, x, y, lr, steps, create_graph=False) -> Params:
-    """L plain gradient steps with torch.autograd."""
+def adapted_params(model, criterion, params, x, y, lr, steps, create_graph=False, frozen=()) -> Params:
+    """L plain gradient steps with torch.autograd (none for the parameters named in ``frozen``)."""
     theta = dict(params)
     for _ in range(steps):
         if not any(v.requires_grad for v in theta.values()):
             theta = {k: v.detach().requires_grad_() for k, v in theta.items()}
         value = criterion(functional_call(model, theta, (x,)), y)
         grads = torch.autograd.grad(value, list(theta.values()), create_graph=create_graph)
-        theta = {k: v - lr * g for (k, v), g in zip(theta.items(), grads)}
+        theta = {k: v if k in frozen else v - lr * g for (k, v), g in zip(theta.items(), grads)}
         if not create_graph:
             theta = {k: v.detach() for k, v in theta.items()}
     return theta
 
 
-def query_loss_after_adaptation(model, criterion, params, task, lr, steps) -> float:
+def query_loss_after_adaptation(model, criterion, params, task, lr, steps, frozen=()) -> float:
     """f(φ) = ℓ(θ_L(φ); D_val): the function whose gradient MAML computes (forward only)."""
     xs, ys, xq, yq = task
-    theta = adapted_params(model, criterion, params, xs, ys, lr, steps)
+    theta = adapted_params(model, criterion, params, xs, ys, lr, steps, frozen=frozen)
     with torch.no_grad():
         return float(criterion(functional_call(model, theta, (xq,)), yq))
 

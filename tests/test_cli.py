@@ -175,9 +175,7 @@ def test_a_carried_inner_state_is_checkpointed_resumed_and_evaluated_from(tmp_pa
     # Evaluation starts from the state, not from fresh moments: the adapted networks differ.
     task = problem.tasks["val"].sample(1, config.shots, 1, torch.Generator().manual_seed(0)).task(0)
     steps = loaded_config.test_inner_steps
-    from_state = loaded_config.make_algorithm(steps, start_state=problem.inner_state).adapt(
-        problem.loss, phi, *task.support
-    )
+    from_state = loaded_config.make_algorithm(steps, problem).adapt(problem.loss, phi, *task.support)
     from_zeros = loaded_config.make_algorithm(steps).adapt(problem.loss, phi, *task.support)
     assert max(float((from_state[n] - from_zeros[n]).abs().max()) for n in phi) > 1e-4
 
@@ -353,3 +351,25 @@ def test_one_batched_vocabulary():
     assert "--batched true " in training.train_command(TrainConfig(batched=True), "out")
     with pytest.raises(ValueError, match="batched must be"):
         TrainConfig(batched="sometimes")
+
+
+def test_fast_weights_leave_out_batch_norm_where_the_protocol_says(tmp_path, monkeypatch):
+    """``fast_weights="no_batch_norm"``: the problem names batch norm's shifts (Finn et al.'s
+    network has no scale), the algorithm freezes exactly those, and runs without a model refuse."""
+    monkeypatch.setenv("GBML_CACHE_DIR", str(tmp_path / "cache"))
+    config = TrainConfig(algorithm="fomaml", dataset="omniglot-mini", fast_weights="no_batch_norm", ways=3)
+    problem = training.make_problem(config, torch.device("cpu"))
+    assert problem.frozen == {f"features.{i}.bias" for i in (1, 4, 7, 10)}
+    assert config.make_algorithm(problem=problem).frozen == problem.frozen
+    assert (
+        training.make_problem(replace(config, fast_weights="all"), torch.device("cpu")).frozen == frozenset()
+    )
+    with pytest.raises(ValueError, match="depends on the network's parameter names"):
+        config.make_algorithm()
+    with pytest.raises(ValueError, match="the network has no batch norm"):
+        training.make_problem(replace(config, dataset="sinusoid"), torch.device("cpu"))
+    for algorithm in ("reptile", "imaml"):
+        with pytest.raises(ValueError, match="is for MAML and FO-MAML"):
+            TrainConfig(algorithm=algorithm, fast_weights="no_batch_norm")
+    with pytest.raises(ValueError, match="fast_weights must be"):
+        TrainConfig(fast_weights="some")

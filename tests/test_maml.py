@@ -158,3 +158,74 @@ def test_fomaml_equals_maml_when_there_is_no_curvature(generator):
     fo, _ = gbml.FOMAML(inner_lr=0.3, inner_steps=3).task_delta(loss, phi, task)
     maml, _ = gbml.MAML(inner_lr=0.3, inner_steps=3).task_delta(loss, phi, task)
     assert relative_error(fo, maml) < 1e-14
+
+
+def _batch_norm_names(model):
+    from gbml.models import is_batch_norm
+
+    return frozenset(
+        f"{m}.{n}"
+        for m, module in model.named_modules()
+        if is_batch_norm(module)
+        for n, _ in module.named_parameters()
+    )
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_frozen_parameters_stay_at_phi_and_maml_differentiates_through_the_rest(steps, generator, conv_setup):
+    """Finn et al.'s fast weights: batch norm left out of the inner loop. MAML's Δ against central
+    finite differences of f(φ) = ℓ(θ_L(φ); D_val) with the frozen parameters never stepped, and
+    FO-MAML's against the query gradient at that θ_L (torch.autograd, no torch.func)."""
+    model, criterion = conv_setup
+    frozen = _batch_norm_names(model)
+    assert len(frozen) >= 2 and frozen < set(dict(model.named_parameters()))
+    task = make_classification_task(generator)
+    loss, phi = gbml.make_loss(model, criterion), clone_params(model)
+    maml = gbml.MAML(inner_lr=0.1, inner_steps=steps, frozen=frozen)
+    delta, _ = maml.task_delta(loss, phi, task)
+
+    def f(params):
+        return query_loss_after_adaptation(model, criterion, params, task, 0.1, steps, frozen=frozen)
+
+    for _ in range(3):
+        v = {k: torch.randn(p.shape, generator=generator, dtype=p.dtype) for k, p in phi.items()}
+        analytic = sum(float((delta[k] * v[k]).sum()) for k in phi)
+        assert analytic == pytest.approx(central_difference(f, phi, v, 1e-7), rel=1e-6, abs=1e-9)
+    # Not the all-fast-weights gradient: freezing changes Δ (a test that could fail).
+    assert (
+        relative_error(delta, gbml.MAML(inner_lr=0.1, inner_steps=steps).task_delta(loss, phi, task)[0])
+        > 1e-3
+    )
+
+    theta = maml.adapt(loss, phi, *task.support)
+    expected = adapted_params(
+        model, criterion, phi, task.x_support, task.y_support, 0.1, steps, frozen=frozen
+    )
+    assert relative_error(theta, expected) < 1e-12
+    assert all(torch.equal(theta[name], phi[name]) for name in frozen)
+    fo_delta, _ = gbml.FOMAML(inner_lr=0.1, inner_steps=steps, frozen=frozen).task_delta(loss, phi, task)
+    hand = loss_gradient(model, criterion, expected, task.x_query, task.y_query)
+    assert relative_error(fo_delta, hand) < 1e-12
+
+
+def test_frozen_parameters_vmap_equals_loop(generator, conv_setup):
+    model, criterion = conv_setup
+    loss, phi = gbml.make_loss(model, criterion), clone_params(model)
+    tasks = make_classification_task(generator, num_tasks=3)
+    for algorithm in (gbml.MAML, gbml.FOMAML):
+        frozen_algorithm = algorithm(inner_lr=0.1, inner_steps=2, frozen=_batch_norm_names(model))
+        batched, _ = gbml.meta_gradient(frozen_algorithm, loss, phi, tasks, batched=True)
+        looped, _ = gbml.meta_gradient(frozen_algorithm, loss, phi, tasks, batched=False)
+        assert relative_error(batched, looped) < 1e-10
+
+
+def test_bad_frozen_names_are_refused(generator, conv_setup):
+    model, criterion = conv_setup
+    task = make_classification_task(generator)
+    loss, phi = gbml.make_loss(model, criterion), clone_params(model)
+    with pytest.raises(ValueError, match=r"phi does not have: \['bn\.beta'\]"):
+        gbml.MAML(inner_lr=0.1, frozen={"bn.beta"}).task_delta(loss, phi, task)
+    with pytest.raises(ValueError, match="frozen must be a collection of parameter names"):
+        gbml.FOMAML(inner_lr=0.1, frozen="features.1.bias")
+    with pytest.raises(ValueError, match="Reptile learns only what its inner loop adapts"):
+        gbml.Reptile(inner_lr=0.1, frozen={"features.1.bias"})

@@ -7,7 +7,7 @@ batch of tasks).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from torch import Tensor
 from torch.func import grad
@@ -38,10 +38,15 @@ def task_adapt(
     steps: int,
     differentiable: bool = True,
     validate: bool = True,
+    frozen: Collection[str] = (),
 ) -> Params:
     """L steps of gradient descent on ``ℓ(·; x, y)`` from φ::
 
         θ_0 = φ,    θ_{k+1} = θ_k − α ∇ℓ(θ_k),    return θ_L.
+
+    The parameters named in ``frozen`` are not stepped: they stay at φ (still a function of φ
+    for an outer transform) and only the outer loop learns them. Finn et al.'s code does this with
+    batch norm's shift, which is not among its "fast weights".
 
     With ``differentiable=True`` the result stays a differentiable function of φ under an outer
     ``torch.func`` transform (what MAML needs). With ``differentiable=False`` every iterate is
@@ -54,11 +59,14 @@ def task_adapt(
     if validate:
         check_learning_rate("inner learning rate", lr)
         check_steps("number of inner steps", steps)
+    unknown = set(frozen) - phi.keys()
+    if unknown:
+        raise ValueError(f"frozen names parameters that phi does not have: {sorted(unknown)}")
     gradient = grad(loss)
     theta = phi if differentiable else detached(phi)
     for _ in range(steps):
         g = gradient(theta, x, y)
-        theta = {name: theta[name] - lr * g[name] for name in theta}
+        theta = {name: theta[name] if name in frozen else theta[name] - lr * g[name] for name in theta}
         if not differentiable:
             theta = detached(theta)
     return theta

@@ -77,6 +77,11 @@ TRAIN_OPTIONS: dict[str, tuple[type, str, tuple[str, ...] | None]] = {
         "Reptile: plain gradient steps, or Adam's (β₁ = 0)",
         ("sgd", "adam"),
     ),
+    "fast_weights": (
+        str,
+        "MAML/FO-MAML: adapt every parameter in the inner loop, or all but batch norm's (Finn et al.'s code)",
+        ("all", "no_batch_norm"),
+    ),
     "inner_state": (
         str,
         "Reptile's inner Adam: fresh moments per task, or one state carried across tasks (Nichol et al.)",

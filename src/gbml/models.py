@@ -222,6 +222,11 @@ def make_loss(model: nn.Module, criterion: Criterion = F.mse_loss) -> ModelLoss:
     return ModelLoss(model, criterion)
 
 
+def is_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch norm layer, gbml's or ``torch.nn``'s."""
+    return isinstance(module, (CompositeBatchNorm2d, nn.modules.batchnorm._BatchNorm))
+
+
 def has_native_batch_norm(model: nn.Module) -> bool:
     """Whether ``model`` contains a ``torch.nn`` batch norm (unsafe for second order under vmap)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -29,7 +29,7 @@ from gbml.algorithms import FOMAML, IMAML, MAML, InnerAdamState, MetaAlgorithm, 
 from gbml.compiled import CompiledMetaStep
 from gbml.errors import check_positive_integer
 from gbml.meta import MetaStepResult, apply_meta_gradient, carried_meta_gradient, choose_batched, meta_step
-from gbml.models import ConvNet, SinusoidMLP, finn_omniglot_net, make_loss
+from gbml.models import ConvNet, SinusoidMLP, finn_omniglot_net, is_batch_norm, make_loss
 from gbml.notebook import machine_description, resolve_device, source_revision
 from gbml.params import Params, detached, parameters_of
 from gbml.tasks import SinusoidTasks, Task
@@ -58,6 +58,9 @@ OUTER_OPTIMIZERS = ("adam", "sgd")
 #: TrainConfig.inner_state: Reptile's inner Adam started afresh for every task, or one carried
 #: from task to task through training and into evaluation (Nichol et al.'s code).
 INNER_STATES = ("fresh", "carried")
+#: TrainConfig.fast_weights: which parameters MAML's and FO-MAML's inner loop adapts. Finn et al.'s
+#: code adapts all but batch norm's shift ("no_batch_norm"), which only the outer loop learns.
+FAST_WEIGHTS = ("all", "no_batch_norm")
 #: The options a resumed run may change: its length, and where and along which code path it runs
 #: (every path computes the same meta-gradient up to rounding; the test suite checks this).
 EXECUTION_OPTIONS = ("iterations", "device", "batched")
@@ -81,6 +84,9 @@ class TrainConfig:
     (:func:`gbml.meta.carried_meta_gradient`), the state is checkpointed with the run, and
     validation and meta-test tasks each adapt from a copy of it (:attr:`Problem.inner_state`).
     ``batched`` then applies to evaluation only.
+
+    ``fast_weights="no_batch_norm"`` (MAML, FO-MAML) leaves batch norm's parameters at φ in the
+    inner loop, at training and at test, as Finn et al.'s code does (:attr:`Problem.frozen`).
     """
 
     algorithm: str = "maml"
@@ -110,6 +116,7 @@ class TrainConfig:
     inner_batch: int | None = None
     inner_optimizer: str = "sgd"
     inner_state: str = "fresh"
+    fast_weights: str = "all"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -153,12 +160,19 @@ class TrainConfig:
                 "inner_state='carried' takes a meta-batch's tasks in turn: there is no batched step to "
                 "compile; use batched true (vmap at evaluation) or false"
             )
+        if self.fast_weights not in FAST_WEIGHTS:
+            raise ValueError(f"fast_weights must be 'all' or 'no_batch_norm', got {self.fast_weights!r}")
+        if self.fast_weights != "all" and self.algorithm not in ("maml", "fomaml"):
+            raise ValueError(
+                f"fast_weights={self.fast_weights!r} is for MAML and FO-MAML: {self.algorithm} learns "
+                "only what its inner loop adapts (Reptile) or adapts every parameter (iMAML)"
+            )
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
         if not isinstance(self.batched, bool) and self.batched not in BATCHED:
             raise ValueError(f"batched must be True, False, 'auto' or 'compile', got {self.batched!r}")
         self.batched = batched_value(self.batched)  # one vocabulary: "true" (a saved run's) is True
-        self.make_algorithm()  # validates inner_lr, inner_steps, lam, cg_steps
+        self._algorithm(self.inner_steps, None, frozenset())  # validates inner_lr, inner_steps, lam, cg_steps
 
     @property
     def evaluation_queries(self) -> int:
@@ -182,16 +196,28 @@ class TrainConfig:
     def test_inner_steps(self) -> int:
         return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
 
-    def make_algorithm(
-        self, inner_steps: int | None = None, start_state: InnerAdamState | None = None
-    ) -> MetaAlgorithm:
+    def make_algorithm(self, inner_steps: int | None = None, problem: Problem | None = None) -> MetaAlgorithm:
         """The algorithm with this run's hyperparameters (``inner_steps`` steps if given, e.g. at
-        meta-test); Reptile's inner Adam starts from ``start_state`` if given."""
+        meta-test) for ``problem``: its frozen parameters (``fast_weights``) stay at φ in the inner
+        loop, and Reptile's inner Adam starts from its carried state. Without ``problem``: every
+        parameter adapted, fresh inner state (refused if ``fast_weights`` needs the model)."""
+        if problem is None and self.fast_weights != "all":
+            raise ValueError(
+                f"fast_weights={self.fast_weights!r} depends on the network's parameter names: pass "
+                "problem=make_problem(config, device) (or a loaded run's problem)"
+            )
         steps = self.inner_steps if inner_steps is None else inner_steps
+        if problem is None:
+            return self._algorithm(steps, None, frozenset())
+        return self._algorithm(steps, problem.inner_state, problem.frozen)
+
+    def _algorithm(
+        self, steps: int, start_state: InnerAdamState | None, frozen: frozenset[str]
+    ) -> MetaAlgorithm:
         if self.algorithm == "maml":
-            return MAML(self.inner_lr, steps)
+            return MAML(self.inner_lr, steps, frozen=frozen)
         if self.algorithm == "fomaml":
-            return FOMAML(self.inner_lr, steps)
+            return FOMAML(self.inner_lr, steps, frozen=frozen)
         if self.algorithm == "reptile":
             return Reptile(
                 self.inner_lr,
@@ -266,6 +292,8 @@ class Problem:
         str, Any
     ]  # split name -> object with .sample(num_tasks, shots, queries, generator, device=...)
     higher_is_better: bool = field(default=False)
+    frozen: frozenset[str] = frozenset()
+    """Parameters the inner loop leaves at φ (``TrainConfig.fast_weights``)."""
     inner_state: InnerAdamState | None = None
     """The inner optimiser's state of a run with ``inner_state="carried"`` (None otherwise):
     evaluation adapts every task from a copy of it, as Nichol et al.'s code does."""
@@ -278,7 +306,9 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
         model = SinusoidMLP().to(device)
         loss = make_loss(model, F.mse_loss)
         family = SinusoidTasks()
-        return Problem(model, loss, "mse", loss, {"train": family, "val": family, "test": family})
+        problem = Problem(model, loss, "mse", loss, {"train": family, "val": family, "test": family})
+        problem.frozen = frozen_parameters(config, model)
+        return problem
     from gbml.omniglot import OmniglotTasks, load_omniglot, load_omniglot_miniature  # reads files
 
     if config.network == "stride":
@@ -294,7 +324,26 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
     # Loaded once, shared by the three splits.
     data = load_omniglot_miniature() if config.dataset == "omniglot-mini" else load_omniglot()
     tasks = {split: OmniglotTasks(split, config.ways, data=data) for split in ("train", "val", "test")}
-    return Problem(model, loss, "accuracy", accuracy, tasks, higher_is_better=True)
+    problem = Problem(model, loss, "accuracy", accuracy, tasks, higher_is_better=True)
+    problem.frozen = frozen_parameters(config, model)
+    return problem
+
+
+def frozen_parameters(config: TrainConfig, model: nn.Module) -> frozenset[str]:
+    """The names of the parameters ``config.fast_weights`` keeps out of the inner loop."""
+    if config.fast_weights == "all":
+        return frozenset()
+    frozen = frozenset(
+        f"{module_name}.{name}"
+        for module_name, module in model.named_modules()
+        if is_batch_norm(module)
+        for name, _ in module.named_parameters(recurse=False)
+    )
+    if not frozen:
+        raise ValueError(
+            f"fast_weights={config.fast_weights!r}, but the network has no batch norm parameters"
+        )
+    return frozen
 
 
 def adapt_for_evaluation(algorithm: MetaAlgorithm, loss: LossFn, phi: Params, task: Task) -> Params:
@@ -346,7 +395,7 @@ def evaluate(
     task's metric (``"per_task"``, a list of floats).
     """
     device = device or next(iter(phi.values())).device
-    algorithm = config.make_algorithm(config.test_inner_steps, start_state=problem.inner_state)
+    algorithm = config.make_algorithm(config.test_inner_steps, problem)
     generator = torch.Generator().manual_seed(seed)
     values = []
     for start in range(0, num_tasks, chunk):
@@ -387,7 +436,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
     problem = make_problem(config, device)
     params = parameters_of(problem.model)
     optimizer = config.make_outer_optimizer(params.values())
-    algorithm = config.make_algorithm()
+    algorithm = config.make_algorithm(problem=problem)
     generator = torch.Generator().manual_seed(config.seed)
     if config.inner_state == "carried":
         problem.inner_state = InnerAdamState.zeros(detached(params))

@@ -16,7 +16,7 @@ two middle lines for one task. :func:`gbml.meta_gradient` runs it over a batch a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -54,18 +54,31 @@ class MetaAlgorithm(ABC):
 @dataclass(frozen=True)
 class GradientStepAlgorithm(MetaAlgorithm):
     """An algorithm whose TASK_ADAPT is ``inner_steps`` (L) gradient steps of size ``inner_lr`` (α):
-    MAML, FO-MAML and Reptile."""
+    MAML, FO-MAML and Reptile. The parameters named in ``frozen`` are left at φ by the inner loop
+    (see :func:`gbml.task_adapt`); only the outer loop learns them."""
 
     inner_lr: float
     inner_steps: int = 1
+    frozen: frozenset[str] = field(default=frozenset())
 
     def __post_init__(self) -> None:
         check_learning_rate("inner_lr", self.inner_lr)
         check_steps("inner_steps", self.inner_steps)
+        if isinstance(self.frozen, str) or not all(isinstance(name, str) for name in self.frozen):
+            raise ValueError(f"frozen must be a collection of parameter names, got {self.frozen!r}")
+        object.__setattr__(self, "frozen", frozenset(self.frozen))  # hashable, order-free
 
     def adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> Params:
         """L plain gradient steps of α on the support set (Reptile's too: at test the query set is
         unseen)."""
         return task_adapt(
-            loss, phi, x, y, lr=self.inner_lr, steps=self.inner_steps, differentiable=False, validate=False
+            loss,
+            phi,
+            x,
+            y,
+            lr=self.inner_lr,
+            steps=self.inner_steps,
+            differentiable=False,
+            validate=False,
+            frozen=self.frozen,
         )

@@ -33,6 +33,7 @@ class FOMAML(GradientStepAlgorithm):
             steps=self.inner_steps,
             differentiable=False,
             validate=False,  # checked once, when the algorithm was built
+            frozen=self.frozen,
         )
         delta, query_loss = grad_and_value(loss)(theta, *task.query)
         return delta, {"query_loss": query_loss}

@@ -29,7 +29,13 @@ class MAML(GradientStepAlgorithm):
     def task_delta(self, loss: LossFn, phi: Params, task: Task) -> tuple[Params, TaskInfo]:
         def query_loss_after_adaptation(phi: Params) -> tuple[Tensor, Tensor]:
             theta = task_adapt(
-                loss, phi, *task.support, lr=self.inner_lr, steps=self.inner_steps, validate=False
+                loss,
+                phi,
+                *task.support,
+                lr=self.inner_lr,
+                steps=self.inner_steps,
+                validate=False,
+                frozen=self.frozen,
             )
             query_loss = loss(theta, *task.query)
             return query_loss, query_loss.detach()

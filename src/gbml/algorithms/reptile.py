@@ -114,6 +114,8 @@ class Reptile(GradientStepAlgorithm):
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         check_learning_rate("eps", self.eps)
+        if self.frozen:  # Δ = φ − θ would be 0 for them: they would never be learned
+            raise ValueError("Reptile learns only what its inner loop adapts: frozen must be empty")
         if self.start_state is not None and self.inner_optimizer != "adam":
             raise ValueError("start_state is the inner Adam's state: it needs inner_optimizer='adam'")
 
