@@ -270,6 +270,8 @@ def test_a_carried_state_needs_adam():
         gbml.Reptile(inner_lr=0.1, start_state=state)
     with pytest.raises(ValueError, match="carried inner state is Adam's"):
         gbml.Reptile(inner_lr=0.1).carried_task_delta(None, {}, None, state)
+    with pytest.raises(TypeError, match="not MAML's"):
+        gbml.carried_meta_gradient(gbml.MAML(inner_lr=0.1), None, {"w": torch.zeros(2)}, None, state)
     for options in (
         {"algorithm": "maml"},
         {"algorithm": "reptile"},  # plain gradient steps: nothing to carry

@@ -137,6 +137,10 @@ def carried_meta_gradient(
     state after the last task, which the next meta-iteration continues. The same checks as
     :func:`meta_gradient`; a non-finite Δ_t, loss or carried moment raises ``DivergenceError``.
     """
+    if not isinstance(algorithm, Reptile):
+        raise TypeError(
+            f"a carried inner state is Reptile's (with inner Adam), not {type(algorithm).__name__}'s"
+        )
     phi = checked_inputs(phi, tasks)
     deltas, infos = [], []
     for t in range(tasks.num_tasks):
