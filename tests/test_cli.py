@@ -176,7 +176,10 @@ def test_a_carried_inner_state_is_checkpointed_resumed_and_evaluated_from(tmp_pa
     task = problem.tasks["val"].sample(1, config.shots, 1, torch.Generator().manual_seed(0)).task(0)
     steps = loaded_config.test_inner_steps
     from_state = loaded_config.make_algorithm(steps, problem).adapt(problem.loss, phi, *task.support)
-    from_zeros = loaded_config.make_algorithm(steps).adapt(problem.loss, phi, *task.support)
+    from_zeros = replace(loaded_config, inner_state="fresh").make_algorithm(steps)
+    from_zeros = from_zeros.adapt(problem.loss, phi, *task.support)
+    with pytest.raises(ValueError, match="starts from the run's carried inner state"):
+        loaded_config.make_algorithm(steps)
     assert max(float((from_state[n] - from_zeros[n]).abs().max()) for n in phi) > 1e-4
 
 

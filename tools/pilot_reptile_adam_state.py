@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -144,7 +145,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = nichol_protocol(5, 1)
+    # Both variants are written out here; the config supplies the hyperparameters and, with a
+    # fresh inner state, the check against gbml.Reptile and the fresh-moment validation.
+    config = replace(nichol_protocol(5, 1), inner_state="fresh")
     device = torch.device("cpu")
     problem = make_problem(config, device)  # seeds torch with config.seed: the committed run's φ₀
     phi0 = detached(parameters_of(problem.model))

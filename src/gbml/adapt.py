@@ -42,11 +42,13 @@ def task_adapt(
 ) -> Params:
     """L steps of gradient descent on ``ℓ(·; x, y)`` from φ::
 
-        θ_0 = φ,    θ_{k+1} = θ_k − α ∇ℓ(θ_k),    return θ_L.
+        θ_0 = φ,    θ_{k+1}[n] = θ_k[n] − α ∇ℓ(θ_k)[n]  for n ∉ frozen,  φ[n] for n ∈ frozen,
+        return θ_L.
 
     The parameters named in ``frozen`` are not stepped: they stay at φ (still a function of φ
     for an outer transform) and only the outer loop learns them. Finn et al.'s code does this with
-    batch norm's shift, which is not among its "fast weights".
+    batch norm's shift, which is not among its "fast weights". Raises ``ValueError`` if ``frozen``
+    names a parameter that φ does not have.
 
     With ``differentiable=True`` the result stays a differentiable function of φ under an outer
     ``torch.func`` transform (what MAML needs). With ``differentiable=False`` every iterate is

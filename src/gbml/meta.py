@@ -136,6 +136,11 @@ def carried_meta_gradient(
     t − 1's ended (the first from ``state``). Returns the mean Δ, the per-task diagnostics and the
     state after the last task, which the next meta-iteration continues. The same checks as
     :func:`meta_gradient`; a non-finite Δ_t, loss or carried moment raises ``DivergenceError``.
+
+    Raises:
+        TypeError: ``algorithm`` is not a :class:`gbml.Reptile`.
+        ValueError: it is, but its inner optimiser is not Adam (there is no state to carry).
+        DivergenceError: as above.
     """
     if not isinstance(algorithm, Reptile):
         raise TypeError(

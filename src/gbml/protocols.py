@@ -185,7 +185,7 @@ def smoke_version(config: TrainConfig, iterations: int = 4) -> TrainConfig:
 
 #: Published Omniglot accuracies (%, 600 test tasks, 95% CI where given), keyed by run name:
 #: Finn et al. 2017, Table 1 (MAML); Nichol et al. 2018, Table 1 (first-order MAML, "1st-order MAML
-#: + Transduction": Finn et al. report first-order results on MiniImagenet only; and Reptile,
+#: + Transduction": Finn et al. report first-order results on miniImageNet only; and Reptile,
 #: transductive); Rajeswaran et al. 2019, Table 2 (iMAML, GD inner solver, the variant gbml
 #: implements).
 PUBLISHED: dict[str, tuple[float, float | None, str]] = {

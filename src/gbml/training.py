@@ -200,11 +200,17 @@ class TrainConfig:
         """The algorithm with this run's hyperparameters (``inner_steps`` steps if given, e.g. at
         meta-test) for ``problem``: its frozen parameters (``fast_weights``) stay at φ in the inner
         loop, and Reptile's inner Adam starts from its carried state. Without ``problem``: every
-        parameter adapted, fresh inner state (refused if ``fast_weights`` needs the model)."""
+        parameter adapted, fresh inner state; refused (``ValueError``) where the run's protocol
+        needs the problem: ``fast_weights`` other than "all", or a carried inner state."""
         if problem is None and self.fast_weights != "all":
             raise ValueError(
                 f"fast_weights={self.fast_weights!r} depends on the network's parameter names: pass "
                 "problem=make_problem(config, device) (or a loaded run's problem)"
+            )
+        if problem is None and self.inner_state == "carried":
+            raise ValueError(
+                "inner_state='carried': meta-test adaptation starts from the run's carried inner state; "
+                "pass the run's problem (load_checkpoint gives it), or replace inner_state by 'fresh'"
             )
         steps = self.inner_steps if inner_steps is None else inner_steps
         if problem is None:
@@ -330,7 +336,8 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
 
 
 def frozen_parameters(config: TrainConfig, model: nn.Module) -> frozenset[str]:
-    """The names of the parameters ``config.fast_weights`` keeps out of the inner loop."""
+    """The names of the parameters ``config.fast_weights`` keeps out of the inner loop (empty for
+    "all"; batch norm's parameters for "no_batch_norm", or ``ValueError`` if ``model`` has none)."""
     if config.fast_weights == "all":
         return frozenset()
     frozen = frozenset(
@@ -507,7 +514,10 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         "to_iteration": start,
         "elapsed_s": 0.0,
         "machine": machine_description(device),
-        "batched": batched_name(config.batched),
+        # A carried inner state makes training take the tasks in turn; batched then applies to evaluation.
+        "batched": "in turn (carried state)"
+        if config.inner_state == "carried"
+        else batched_name(config.batched),
         "torch": str(torch.__version__),
         "source": source_revision(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

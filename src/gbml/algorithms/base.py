@@ -59,12 +59,14 @@ class GradientStepAlgorithm(MetaAlgorithm):
 
     inner_lr: float
     inner_steps: int = 1
-    frozen: frozenset[str] = field(default=frozenset())
+    frozen: frozenset[str] = field(default=frozenset(), kw_only=True)
 
     def __post_init__(self) -> None:
         check_learning_rate("inner_lr", self.inner_lr)
         check_steps("inner_steps", self.inner_steps)
-        if isinstance(self.frozen, str) or not all(isinstance(name, str) for name in self.frozen):
+        if not isinstance(self.frozen, (set, frozenset, list, tuple)) or not all(
+            isinstance(name, str) for name in self.frozen
+        ):
             raise ValueError(f"frozen must be a collection of parameter names, got {self.frozen!r}")
         object.__setattr__(self, "frozen", frozenset(self.frozen))  # hashable, order-free
 
