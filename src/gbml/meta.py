@@ -121,8 +121,12 @@ def per_task_deltas(
         return vmap(
             lambda p, task: algorithm.task_delta(loss, p, task), in_dims=(None, 0), randomness="error"
         )(phi, tasks)
-    per_task = [algorithm.task_delta(loss, phi, tasks.task(t)) for t in range(tasks.num_tasks)]
-    deltas = {name: torch.stack([d[name] for d, _ in per_task]) for name in phi}
+    return stacked_per_task([algorithm.task_delta(loss, phi, tasks.task(t)) for t in range(tasks.num_tasks)])
+
+
+def stacked_per_task(per_task: list[tuple[Params, TaskInfo]]) -> tuple[Params, TaskInfo]:
+    """Tasks' (Δ_t, diagnostics) pairs from a loop, stacked on a leading task axis as vmap gives them."""
+    deltas = {name: torch.stack([d[name] for d, _ in per_task]) for name in per_task[0][0]}
     info = {key: torch.stack([i[key] for _, i in per_task]) for key in per_task[0][1]}
     return deltas, info
 
@@ -147,13 +151,11 @@ def carried_meta_gradient(
             f"a carried inner state is Reptile's (with inner Adam), not {type(algorithm).__name__}'s"
         )
     phi = checked_inputs(phi, tasks)
-    deltas, infos = [], []
+    per_task = []
     for t in range(tasks.num_tasks):
         delta, info, state = algorithm.carried_task_delta(loss, phi, tasks.task(t), state)
-        deltas.append(delta)
-        infos.append(info)
-    stacked = {name: torch.stack([d[name] for d in deltas]) for name in phi}
-    info = {key: torch.stack([i[key] for i in infos]) for key in infos[0]}
+        per_task.append((delta, info))
+    stacked, info = stacked_per_task(per_task)
     raise_if_not_finite(stacked, info)
     if not all(bool(torch.isfinite(v).all()) for v in state.v.values()):  # would poison later tasks
         raise DivergenceError("the carried inner Adam's second moments overflowed; φ was left unchanged")

@@ -202,20 +202,20 @@ class TrainConfig:
         loop, and Reptile's inner Adam starts from its carried state. Without ``problem``: every
         parameter adapted, fresh inner state; refused (``ValueError``) where the run's protocol
         needs the problem: ``fast_weights`` other than "all", or a carried inner state."""
-        if problem is None and self.fast_weights != "all":
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        if problem is not None:
+            return self._algorithm(steps, problem.inner_state, problem.frozen)
+        if self.fast_weights != "all":
             raise ValueError(
                 f"fast_weights={self.fast_weights!r} depends on the network's parameter names: pass "
                 "problem=make_problem(config, device) (or a loaded run's problem)"
             )
-        if problem is None and self.inner_state == "carried":
+        if self.inner_state == "carried":
             raise ValueError(
                 "inner_state='carried': meta-test adaptation starts from the run's carried inner state; "
                 "pass the run's problem (load_checkpoint gives it), or replace inner_state by 'fresh'"
             )
-        steps = self.inner_steps if inner_steps is None else inner_steps
-        if problem is None:
-            return self._algorithm(steps, None, frozenset())
-        return self._algorithm(steps, problem.inner_state, problem.frozen)
+        return self._algorithm(steps, None, frozenset())
 
     def _algorithm(
         self, steps: int, start_state: InnerAdamState | None, frozen: frozenset[str]
@@ -312,9 +312,8 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
         model = SinusoidMLP().to(device)
         loss = make_loss(model, F.mse_loss)
         family = SinusoidTasks()
-        problem = Problem(model, loss, "mse", loss, {"train": family, "val": family, "test": family})
-        problem.frozen = frozen_parameters(config, model)
-        return problem
+        splits = {"train": family, "val": family, "test": family}
+        return Problem(model, loss, "mse", loss, splits, frozen=frozen_parameters(config, model))
     from gbml.omniglot import OmniglotTasks, load_omniglot, load_omniglot_miniature  # reads files
 
     if config.network == "stride":
@@ -330,9 +329,15 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
     # Loaded once, shared by the three splits.
     data = load_omniglot_miniature() if config.dataset == "omniglot-mini" else load_omniglot()
     tasks = {split: OmniglotTasks(split, config.ways, data=data) for split in ("train", "val", "test")}
-    problem = Problem(model, loss, "accuracy", accuracy, tasks, higher_is_better=True)
-    problem.frozen = frozen_parameters(config, model)
-    return problem
+    return Problem(
+        model,
+        loss,
+        "accuracy",
+        accuracy,
+        tasks,
+        higher_is_better=True,
+        frozen=frozen_parameters(config, model),
+    )
 
 
 def frozen_parameters(config: TrainConfig, model: nn.Module) -> frozenset[str]:
