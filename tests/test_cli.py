@@ -85,6 +85,41 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert [s["batched"] for s in history["sessions"]] == ["auto", "auto", "false"]
 
 
+def test_a_checkpoint_older_than_an_option_resumes_only_at_that_options_default(tmp_path, monkeypatch):
+    """A checkpoint written before an option existed was trained with the option's default; resuming
+    it with another value would silently change the run mid-way, so it must be refused."""
+    monkeypatch.setenv("GBML_CACHE_DIR", str(tmp_path / "cache"))
+    config = TrainConfig(
+        algorithm="fomaml",
+        dataset="omniglot-mini",
+        ways=3,
+        iterations=2,
+        validate_every=2,
+        validation_tasks=3,
+    )
+    training.train(config, tmp_path, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    del state["config"]["inner_state"], state["config"]["fast_weights"]  # as written before they existed
+    torch.save(state, tmp_path / "last.pt")
+
+    assert training.defining_differences(state["config"], config) == {}
+    changed = replace(config, iterations=4, inner_lr=2 * config.inner_lr, fast_weights="no_batch_norm")
+    assert training.defining_differences(state["config"], changed) == {
+        "inner_lr": (config.inner_lr, 2 * config.inner_lr),
+        "fast_weights": ("all", "no_batch_norm"),
+    }
+    for refused in (replace(config, fast_weights="no_batch_norm"), replace(config, seed=config.seed + 1)):
+        with pytest.raises(ValueError, match="other options"):
+            training.train(refused, tmp_path, resume=True, progress=False)
+        with pytest.raises(ValueError, match="other options"):
+            training.resumed_config(tmp_path, {"fast_weights": refused.fast_weights, "seed": refused.seed})
+    with pytest.raises(ValueError, match="no such fields"):
+        training.resumed_config(tmp_path, {"fast_wieghts": "all"})
+    assert training.resumed_config(tmp_path, {"iterations": 4, "fast_weights": "all"}).iterations == 4
+    history = training.train(replace(config, iterations=4), tmp_path, resume=True, progress=False)
+    assert history["val"][-1]["iteration"] == 4
+
+
 def test_bad_options_and_divergence_give_clear_errors(tmp_path, capsys):
     assert main(["train", *TINY, "--iterations", "0", "--out", str(tmp_path / "a")]) == 2
     assert "iterations must be a positive integer" in capsys.readouterr().err

@@ -255,6 +255,24 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def defining_differences(
+    first: TrainConfig | dict[str, Any], second: TrainConfig | dict[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """The options that define a run in which two configurations differ, as
+    ``{name: (first's value, second's value)}``.
+
+    Every option but those of :data:`EXECUTION_OPTIONS` defines a run: two runs that agree on them
+    train the same problem from the same φ0 on the same task stream. A dict (a checkpoint's or a
+    ``run.json``'s ``config``) that lacks an option, having been written before it existed, is read
+    at the option's default, which is the behaviour every option was added to keep."""
+    first, second = (c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in (first, second))
+    return {
+        f.name: (getattr(first, f.name), getattr(second, f.name))
+        for f in fields(TrainConfig)
+        if f.name not in EXECUTION_OPTIONS and getattr(first, f.name) != getattr(second, f.name)
+    }
+
+
 def resumed_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The configuration of the run saved in ``run_dir/last.pt``, for continuing it.
 
@@ -266,11 +284,10 @@ def resumed_config(run_dir: str | Path, overrides: dict[str, Any] | None = None)
         raise FileNotFoundError(f"no checkpoint at {last}: nothing to resume")
     saved = TrainConfig.from_dict(torch.load(last, map_location="cpu", weights_only=True)["config"])
     overrides = overrides or {}
-    conflicting = {
-        name: (getattr(saved, name), value)
-        for name, value in overrides.items()
-        if name not in EXECUTION_OPTIONS and getattr(saved, name) != value
-    }
+    unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; TrainConfig has no such fields")
+    conflicting = defining_differences(saved, replace(saved, **overrides))
     if conflicting:
         raise ValueError(
             f"{last} was written with other options (saved, given): {conflicting}; a resumed run may "
@@ -460,11 +477,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         # Only how long and how it runs may change (a finished run may be extended, or moved to
         # another device or code path); everything that defines the problem must match.
         requested = asdict(config)
-        differences = {
-            k: (v, requested.get(k))
-            for k, v in state["config"].items()
-            if k not in EXECUTION_OPTIONS and requested.get(k) != v
-        }
+        differences = defining_differences(state["config"], config)
         if differences:
             raise ValueError(
                 f"{last} was written by a run with other options (saved, requested): {differences}; "
