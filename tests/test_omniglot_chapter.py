@@ -158,3 +158,62 @@ def test_pretraining_and_fine_tuning_on_real_omniglot(dataset, tmp_path, capsys)
         body, family, shots=1, queries=1, lr=0.5, steps=2, whole_net=True, num_tasks=10
     )
     assert whole["tasks"] == 10 and len(whole["per_task"]) == 10 and 0 <= whole["mean"] <= 1
+
+
+@pytest.mark.parametrize("whole_net", [False, True])
+def test_a_fine_tuning_sweep_scores_every_setting_as_its_own_run(whole_net):
+    """A sweep shares the first steps of settings with one step size (and head-only fine-tuning the
+    body's features); each setting must still score as gradient descent written by hand from a zero
+    head would (float64, on the miniature shipped with gbml), and as evaluate_finetuning does."""
+    from gbml.baselines import evaluate_finetuning, finetune_grid_accuracies, sweep_finetuning
+    from gbml.omniglot import OmniglotTasks
+
+    torch.manual_seed(0)
+    net = gbml.finn_omniglot_net(5).double()
+    body = {name: p.detach() for name, p in net.named_parameters() if not name.startswith("head.")}
+    family = OmniglotTasks("val", 5, data=gbml.load_omniglot_miniature())
+    tasks = family.sample(3, 2, 2, torch.Generator().manual_seed(1))
+    tasks = tasks._replace(x_support=tasks.x_support.double(), x_query=tasks.x_query.double())
+    grid = [(0.5, 4), (0.5, 1), (0.1, 3), (0.5, 0), (0.5, 4)]  # unsorted, with a repeat
+    swept = finetune_grid_accuracies(body, tasks, ways=5, grid=grid, whole_net=whole_net)
+    assert list(swept) == [(0.5, 4), (0.5, 1), (0.1, 3), (0.5, 0)]
+    looped = finetune_grid_accuracies(body, tasks, ways=5, grid=grid, whole_net=whole_net, batched=False)
+    assert all(torch.equal(swept[s], looped[s]) for s in swept)
+
+    for (lr, steps), accuracies in swept.items():
+        for t in range(3):
+            task = tasks.task(t)
+            theta = {name: p.clone().requires_grad_(whole_net) for name, p in body.items()}
+            theta["head.weight"] = torch.zeros(5, 64, dtype=torch.float64, requires_grad=True)
+            theta["head.bias"] = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+            for _ in range(steps):
+                loss = F.cross_entropy(
+                    torch.func.functional_call(net, theta, (task.x_support,)), task.y_support
+                )
+                trained = {n: p for n, p in theta.items() if p.requires_grad}
+                grads = torch.autograd.grad(loss, list(trained.values()))
+                for (name, p), g in zip(trained.items(), grads):
+                    theta[name] = (p - lr * g).detach().requires_grad_(True)
+            with torch.no_grad():
+                predicted = torch.func.functional_call(net, theta, (task.x_query,)).argmax(-1)
+            assert float(accuracies[t]) == float((predicted == task.y_query).double().mean()), (lr, steps, t)
+
+    body32 = {name: p.float() for name, p in body.items()}  # the sampled tasks are float32
+    sweep = sweep_finetuning(
+        body32,
+        family,
+        shots=1,
+        queries=1,
+        grid=[(0.5, 1), (0.5, 3)],
+        whole_net=whole_net,
+        num_tasks=6,
+        chunk=4,
+    )
+    alone = evaluate_finetuning(
+        body32, family, shots=1, queries=1, lr=0.5, steps=3, whole_net=whole_net, num_tasks=6, chunk=4
+    )
+    assert sweep[0.5, 3] == alone and sweep[0.5, 1]["tasks"] == 6
+    with pytest.raises(ValueError, match="grid is empty"):
+        finetune_grid_accuracies(body, tasks, ways=5, grid=[], whole_net=whole_net)
+    with pytest.raises(ValueError, match="lr"):
+        finetune_grid_accuracies(body, tasks, ways=5, grid=[(-1.0, 2)], whole_net=whole_net)

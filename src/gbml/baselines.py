@@ -7,12 +7,14 @@ task's support set.
 pretrained representation. :func:`evaluate_finetuning` gives each test task a new N-way head,
 initialised to zero, and takes gradient steps on the support set, either on the head alone (a
 logistic regression on the pretrained features) or on the whole network; it scores the same tasks
-as :func:`gbml.training.evaluate` with the same seed.
+as :func:`gbml.training.evaluate` with the same seed. :func:`sweep_finetuning` scores a grid of
+step sizes and step counts on the same tasks for about the cost of its longest run per step size.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -119,14 +121,28 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tup
     return state["body"], state["record"]
 
 
-def finetune_accuracies(
-    body: Params, tasks: Task, *, ways: int, lr: float, steps: int, whole_net: bool, batched: bool = True
-) -> Tensor:
-    """Query accuracy of every task (shape (T,)) after fine-tuning a new zero-initialised N-way
-    head (and with ``whole_net=True`` the body too) by ``steps`` gradient steps of size ``lr``
-    on the mean support cross-entropy."""
-    check_learning_rate("lr", lr)
-    check_steps("steps", steps)
+#: A fine-tuning setting: (step size, number of gradient steps).
+Setting = tuple[float, int]
+
+
+def finetune_grid_accuracies(
+    body: Params, tasks: Task, *, ways: int, grid: Iterable[Setting], whole_net: bool, batched: bool = True
+) -> dict[Setting, Tensor]:
+    """Query accuracy of every task (shape (T,)) after fine-tuning with each ``(lr, steps)`` of
+    ``grid``: a new zero-initialised N-way head (and with ``whole_net=True`` the body too) takes
+    ``steps`` gradient steps of size ``lr`` on the mean support cross-entropy.
+
+    Settings that share a step size share their first steps (10 steps of gradient descent are 3
+    steps followed by 7), and head-only fine-tuning computes the body's features once per task for
+    the whole grid, so a sweep costs about as much as its longest run per step size."""
+    grid = list(dict.fromkeys(grid))
+    if not grid:
+        raise ValueError("grid is empty: give at least one (lr, steps)")
+    for lr, steps in grid:
+        check_learning_rate("lr", lr)
+        check_steps("steps", steps)
+    # For each step size, the step counts at which to score, in order: a run continues from the last.
+    stops = {lr: sorted({steps for lr_, steps in grid if lr_ == lr}) for lr, _ in grid}
     reference = next(iter(body.values()))
     model = finn_omniglot_net(ways).to(reference.device, reference.dtype)
     loss = make_loss(model, F.cross_entropy)
@@ -145,27 +161,84 @@ def finetune_accuracies(
 
     def one(task: Task) -> Tensor:
         if whole_net:
-            theta = task_adapt(
-                loss, {**body, **head}, *task.support, lr=lr, steps=steps, differentiable=False
-            )
-            logits = functional_call(model, theta, (task.x_query,))
+            start, objective, support = {**body, **head}, loss, task.x_support
+
+            def logits(theta: Params) -> Tensor:
+                return functional_call(model, theta, (task.x_query,))
         else:
             # The body is fixed, so its features are computed once: a logistic regression on them.
-            h = task_adapt(
-                linear_loss,
-                head,
-                embed(task.x_support),
-                task.y_support,
-                lr=lr,
-                steps=steps,
-                differentiable=False,
-            )
-            logits = F.linear(embed(task.x_query), h["head.weight"], h["head.bias"])
-        return (logits.argmax(dim=-1) == task.y_query).to(logits.dtype).mean()
+            start, objective, support, query = head, linear_loss, embed(task.x_support), embed(task.x_query)
+
+            def logits(h: Params) -> Tensor:
+                return F.linear(query, h["head.weight"], h["head.bias"])
+
+        accuracy = {}
+        for lr, counts in stops.items():
+            theta, done = start, 0
+            for steps in counts:
+                theta = task_adapt(
+                    objective, theta, support, task.y_support, lr=lr, steps=steps - done, differentiable=False
+                )
+                done = steps
+                accuracy[lr, steps] = (
+                    (logits(theta).argmax(dim=-1) == task.y_query).to(reference.dtype).mean()
+                )
+        return torch.stack([accuracy[setting] for setting in grid])
 
     if batched:
-        return vmap(one, randomness="error")(tasks)
-    return torch.stack([one(tasks.task(t)) for t in range(tasks.num_tasks)])
+        values = vmap(one, randomness="error")(tasks)
+    else:
+        values = torch.stack([one(tasks.task(t)) for t in range(tasks.num_tasks)])
+    return {setting: values[:, i] for i, setting in enumerate(grid)}
+
+
+def finetune_accuracies(
+    body: Params, tasks: Task, *, ways: int, lr: float, steps: int, whole_net: bool, batched: bool = True
+) -> Tensor:
+    """Query accuracy of every task (shape (T,)) after fine-tuning a new zero-initialised N-way
+    head (and with ``whole_net=True`` the body too) by ``steps`` gradient steps of size ``lr``
+    on the mean support cross-entropy: :func:`finetune_grid_accuracies` at one setting."""
+    grid = finetune_grid_accuracies(
+        body, tasks, ways=ways, grid=[(lr, steps)], whole_net=whole_net, batched=batched
+    )
+    return grid[lr, steps]
+
+
+def sweep_finetuning(
+    body: Params,
+    family: OmniglotTasks,
+    *,
+    shots: int,
+    queries: int,
+    grid: Iterable[Setting],
+    whole_net: bool,
+    num_tasks: int = 600,
+    seed: int = 12345,
+    chunk: int = 50,
+) -> dict[Setting, dict[str, Any]]:
+    """Mean query accuracy ± 95% CI of fine-tuning with every ``(lr, steps)`` of ``grid`` over
+    the same ``num_tasks`` tasks of ``family``, drawn as :func:`gbml.training.evaluate` draws
+    them (same seed and chunk: the same tasks). The grid shares work as
+    :func:`finetune_grid_accuracies` says."""
+    check_positive_integer("num_tasks", num_tasks)
+    device = next(iter(body.values())).device
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for start in range(0, num_tasks, chunk):
+        tasks = family.sample(min(chunk, num_tasks - start), shots, queries, generator, device=device)
+        chunks.append(finetune_grid_accuracies(body, tasks, ways=family.ways, grid=grid, whole_net=whole_net))
+    results = {}
+    for setting in chunks[0]:
+        values = torch.cat([c[setting] for c in chunks])
+        mean, ci = mean_and_ci95(values)
+        results[setting] = {
+            "metric": "accuracy",
+            "mean": mean,
+            "ci95": ci,
+            "tasks": num_tasks,
+            "per_task": values.double().tolist(),
+        }
+    return results
 
 
 def evaluate_finetuning(
@@ -182,21 +255,17 @@ def evaluate_finetuning(
     chunk: int = 50,
 ) -> dict[str, Any]:
     """Mean query accuracy ± 95% CI of fine-tuning over ``num_tasks`` tasks of ``family``, drawn
-    as :func:`gbml.training.evaluate` draws them (same seed and chunk: the same tasks)."""
-    device = next(iter(body.values())).device
-    generator = torch.Generator().manual_seed(seed)
-    values = []
-    for start in range(0, num_tasks, chunk):
-        tasks = family.sample(min(chunk, num_tasks - start), shots, queries, generator, device=device)
-        values.append(
-            finetune_accuracies(body, tasks, ways=family.ways, lr=lr, steps=steps, whole_net=whole_net)
-        )
-    values = torch.cat(values)
-    mean, ci = mean_and_ci95(values)
-    return {
-        "metric": "accuracy",
-        "mean": mean,
-        "ci95": ci,
-        "tasks": num_tasks,
-        "per_task": values.double().tolist(),
-    }
+    as :func:`gbml.training.evaluate` draws them (same seed and chunk: the same tasks):
+    :func:`sweep_finetuning` at one setting."""
+    results = sweep_finetuning(
+        body,
+        family,
+        shots=shots,
+        queries=queries,
+        grid=[(lr, steps)],
+        whole_net=whole_net,
+        num_tasks=num_tasks,
+        seed=seed,
+        chunk=chunk,
+    )
+    return results[lr, steps]
