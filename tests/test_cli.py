@@ -120,6 +120,67 @@ def test_a_checkpoint_older_than_an_option_resumes_only_at_that_options_default(
     assert history["val"][-1]["iteration"] == 4
 
 
+def test_reptile_meta_trains_one_and_five_shot_alike_and_exports_the_training_as_both(tmp_path, monkeypatch):
+    """Nichol et al. meta-train 5-way 1-shot and 5-shot Reptile alike (10 drawings per class, all
+    trained on); only meta-testing differs. Trained separately (tiny, on the miniature), the two
+    protocols give the same φ and inner state bit for bit, so one run's training can be exported
+    as the other, and is meta-tested there as a run of that setting would be."""
+    from gbml.protocols import OMNIGLOT_RUNS, smoke_version
+
+    monkeypatch.setenv("GBML_CACHE_DIR", str(tmp_path / "cache"))
+
+    def tiny(name):
+        config = smoke_version(OMNIGLOT_RUNS[name], iterations=4)
+        return replace(config, dataset="omniglot-mini", device="cpu", meta_batch=3)
+
+    one, five = tiny("reptile-5w1s"), tiny("reptile-5w5s")
+    assert set(training.defining_differences(one, five)) == {"shots", "queries", "eval_inner_batch"}
+    assert training.training_differences(one, five) == {}
+    for config in (one, five):
+        training.train(config, tmp_path / f"{config.shots}-shot", progress=False)
+    trained = [torch.load(tmp_path / f"{k}-shot" / "last.pt", weights_only=True) for k in (1, 5)]
+    for name, value in trained[0]["model"].items():
+        assert torch.equal(value, trained[1]["model"][name]), name
+    for moment in ("m", "v"):
+        for name, value in trained[0]["inner_state"][moment].items():
+            assert torch.equal(value, trained[1]["inner_state"][moment][name]), name
+    assert trained[0]["history"]["val"] != trained[1]["history"]["val"]  # validated on their settings
+
+    training.export_run(tmp_path / "1-shot", test_tasks=0)
+    shared = training.export_shared_training(tmp_path / "1-shot", five, tmp_path / "as-5-shot", test_tasks=10)
+    assert shared["trained_by"] == "1-shot" and shared["val"] == [] and shared["iterations"] == 4
+    assert shared["command"] is None  # a tiny configuration: no registered name to export it as
+    # Meta-tested as the run trained with the 5-shot protocol is.
+    _, problem, phi = training.load_checkpoint(tmp_path / "5-shot" / "last.pt", "cpu")
+    separately = training.evaluate(five, phi, problem, num_tasks=10, per_task=True)
+    assert shared["test"]["per_task"] == separately["per_task"]
+    assert json.loads((tmp_path / "as-5-shot" / "run.json").read_text())["test"] == shared["test"]
+
+    # What trains differently is refused, with the differing options named.
+    maml = replace(
+        one,
+        algorithm="maml",
+        inner_batch=None,
+        inner_optimizer="sgd",
+        inner_state="fresh",
+        outer_lr_final=None,
+    )
+    assert set(training.training_differences(maml, replace(maml, shots=5, queries=5))) == {"shots", "queries"}
+    assert set(training.training_differences(one, replace(five, queries=3))) == {"shots", "queries"}
+    assert set(training.training_differences(one, replace(one, iterations=8))) == {
+        "iterations"
+    }  # ε's schedule
+    assert training.training_differences(maml, replace(maml, iterations=8, test_queries=3)) == {}
+    with pytest.raises(ValueError, match=r"meta-trained differently.*'seed'"):
+        training.export_shared_training(tmp_path / "1-shot", replace(five, seed=1), tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="export the run first"):
+        training.export_shared_training(tmp_path / "5-shot", one, tmp_path / "x")
+    out = str(tmp_path / "y")
+    assert main(["export", str(tmp_path / "1-shot"), "--as", "reptile-5w5s", "--out", out]) == 2
+    assert main(["export", str(tmp_path / "1-shot"), "--as", "reptile-5w9s", "--out", out]) == 2
+    assert main(["export", str(tmp_path / "1-shot"), "--out", out]) == 2
+
+
 def test_bad_options_and_divergence_give_clear_errors(tmp_path, capsys):
     assert main(["train", *TINY, "--iterations", "0", "--out", str(tmp_path / "a")]) == 2
     assert "iterations must be a positive integer" in capsys.readouterr().err

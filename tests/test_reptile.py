@@ -189,6 +189,54 @@ def test_minibatch_vmap_equals_loop(generator, conv_setup):
     assert relative_error(batched, looped) < 1e-10
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_meta_test_minibatches_are_nichols_evaluation_loop(optimizer, generator, conv_setup):
+    """adapt_batch: at meta-test each step takes the next block of the class-interleaved support
+    set, cycling (Nichol et al.'s eval_batch), from fresh moments or from a carried state; against
+    the loop written out. A block of the whole support set is the full-batch step."""
+    model, criterion = conv_setup
+    task = _class_major_task(generator)
+    loss, phi = gbml.make_loss(model, criterion), clone_params(model)
+    support = len(task.y_support)
+    lr = 0.01 if optimizer == "adam" else 0.1
+    options = {"inner_lr": lr, "inner_steps": 5, "inner_optimizer": optimizer, "inner_batch": 6}
+    adapted = gbml.Reptile(**options, adapt_batch=4).adapt(loss, phi, *task.support)
+    hand = _hand_minibatch_reptile(model, task, lr, 5, 4, optimizer=optimizer, support_only=True)
+    assert relative_error(adapted, {name: phi[name] - d for name, d in hand.items()}) < 1e-8
+    whole = gbml.Reptile(**options).adapt(loss, phi, *task.support)
+    assert relative_error(adapted, whole) > 1e-3  # the blocks matter (a test that could fail)
+    # (in another order: the sum's rounding differs, which Adam's g/(|g| + eps) magnifies)
+    one_block = gbml.Reptile(**options, adapt_batch=support).adapt(loss, phi, *task.support)
+    assert relative_error(one_block, whole) < 1e-8
+    if optimizer == "adam":  # from a carried state, as Nichol et al.'s evaluation
+        theta, adam = _nichols_optimizer(model, lr)
+        _hand_minibatch_reptile(model, task, lr, 3, 6, optimizer="adam", carried=(theta, adam))
+        state = gbml.InnerAdamState(
+            {name: adam.state[t]["exp_avg"] for name, t in zip(phi, theta, strict=True)},
+            {name: adam.state[t]["exp_avg_sq"] for name, t in zip(phi, theta, strict=True)},
+            3,
+        )
+        carried = gbml.Reptile(**options, adapt_batch=4, start_state=state).adapt(loss, phi, *task.support)
+        hand = _hand_minibatch_reptile(
+            model, task, lr, 5, 4, optimizer="adam", support_only=True, carried=(theta, adam)
+        )
+        assert relative_error(carried, {name: phi[name] - d for name, d in hand.items()}) < 1e-8
+    # The evaluation path batches test tasks with vmap.
+    tasks = gbml.Task(*(torch.stack(parts) for parts in zip(task, _class_major_task(generator), strict=True)))
+    reptile = gbml.Reptile(**options, adapt_batch=4)
+    batched = torch.func.vmap(lambda t: reptile.adapt(loss, phi, *t.support), randomness="error")(tasks)
+    assert relative_error({name: v[0] for name, v in batched.items()}, adapted) < 1e-10
+    # TrainConfig's eval_inner_batch is Reptile's adapt_batch, and Reptile's alone.
+    config = TrainConfig(algorithm="reptile", inner_optimizer=optimizer, inner_lr=lr, eval_inner_batch=4)
+    assert config.make_algorithm().adapt_batch == 4
+    with pytest.raises(ValueError, match="eval_inner_batch is Reptile's"):
+        TrainConfig(algorithm="maml", eval_inner_batch=4)
+    with pytest.raises(ValueError, match="adapt_batch must be a positive integer"):
+        gbml.Reptile(inner_lr=0.1, adapt_batch=0)
+    with pytest.raises(ValueError, match="minibatch of 7 is more than the task's 6 examples"):
+        gbml.Reptile(**{**options, "inner_batch": None}, adapt_batch=7).adapt(loss, phi, *task.support)
+
+
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True])
 def test_invalid_inner_batch_is_refused(bad):
     with pytest.raises(ValueError, match="inner_batch"):

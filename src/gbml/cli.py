@@ -9,6 +9,8 @@ Examples::
     python -m gbml train --resume runs/omni-5w1s   # continue it, options read from its last.pt
     python -m gbml train --resume runs/omni-5w1s --iterations 80000   # ... and make it longer
     python -m gbml export runs/omni-5w1s     # final.pt and run.json, for sharing
+    python -m gbml export runs/reptile-5w1s --as reptile-5w5s --out runs/reptile-5w5s
+                                             # the same meta-training, meta-tested as 5-shot
     python -m gbml evaluate --checkpoint runs/omni-5w1s/final.pt --tasks 600
     python -m gbml pretrain --out runs/pretrained.pt   # the joint-training baseline
     python -m gbml train --algorithm maml --dataset omniglot-mini --iterations 20 --out runs/try
@@ -35,6 +37,7 @@ from gbml.training import (
     TrainConfig,
     evaluate,
     export_run,
+    export_shared_training,
     load_checkpoint,
     resumed_config,
     train,
@@ -72,6 +75,12 @@ TRAIN_OPTIONS: dict[str, tuple[type, str, tuple[str, ...] | None]] = {
     ),
     "outer_lr_final": (float, "anneal the outer step size linearly to this over --iterations", None),
     "inner_batch": (int, "Reptile: each inner step on the next INNER_BATCH examples (default: all)", None),
+    "eval_inner_batch": (
+        int,
+        "Reptile: at validation and meta-test, each step on the next EVAL_INNER_BATCH support examples "
+        "(default: all)",
+        None,
+    ),
     "inner_optimizer": (
         str,
         "Reptile: plain gradient steps, or Adam's (β₁ = 0)",
@@ -139,6 +148,14 @@ def _parser() -> argparse.ArgumentParser:
         "--test-tasks", type=int, default=600, help="meta-test tasks to evaluate final.pt on (0: none)"
     )
     export.add_argument("--device", default="cpu", help="device of that evaluation")
+    export.add_argument(
+        "--as",
+        dest="as_run",
+        metavar="NAME",
+        help="export the (exported) run's meta-training as the registered protocol NAME, which must "
+        "train identically and differ only at meta-test, e.g. reptile-5w5s from reptile-5w1s; needs --out",
+    )
+    export.add_argument("--out", help="with --as: the folder for that run's final.pt and run.json")
     joint = commands.add_parser(
         "pretrain", help="the non-meta-learned baseline: train one classifier on all meta-training classes"
     )
@@ -205,7 +222,25 @@ def main(argv: list[str] | None = None) -> int:
             summary = {"out": args.out, **{k: v for k, v in record.items() if k != "curve"}}
             summary["last"] = record["curve"][-1]
         elif args.command == "export":
-            exported = export_run(args.run_dir, test_tasks=args.test_tasks, device=args.device)
+            if args.as_run is None:
+                if args.out is not None:
+                    raise ValueError("export writes beside the run's checkpoints; --out goes with --as")
+                exported = export_run(args.run_dir, test_tasks=args.test_tasks, device=args.device)
+            else:
+                from gbml.protocols import OMNIGLOT_RUNS
+
+                if args.as_run not in OMNIGLOT_RUNS or args.out is None:
+                    raise ValueError(
+                        f"--as takes a registered run ({', '.join(OMNIGLOT_RUNS)}) and needs --out, "
+                        f"got --as {args.as_run} --out {args.out}"
+                    )
+                exported = export_shared_training(
+                    args.run_dir,
+                    OMNIGLOT_RUNS[args.as_run],
+                    args.out,
+                    test_tasks=args.test_tasks,
+                    device=args.device,
+                )
             summary = {k: v for k, v in exported.items() if k not in ("val", "train")}
             if "test" in summary:
                 summary["test"] = {k: v for k, v in summary["test"].items() if k != "per_task"}

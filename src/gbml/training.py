@@ -64,6 +64,14 @@ FAST_WEIGHTS = ("all", "no_batch_norm")
 #: The options a resumed run may change: its length, and where and along which code path it runs
 #: (every path computes the same meta-gradient up to rounding; the test suite checks this).
 EXECUTION_OPTIONS = ("iterations", "device", "batched")
+#: The options that change only how a run is validated and meta-tested, never its meta-training.
+EVALUATION_OPTIONS = (
+    "eval_inner_steps",
+    "eval_inner_batch",
+    "test_queries",
+    "validate_every",
+    "validation_tasks",
+)
 
 
 @dataclass
@@ -117,6 +125,7 @@ class TrainConfig:
     inner_optimizer: str = "sgd"
     inner_state: str = "fresh"
     fast_weights: str = "all"
+    eval_inner_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -147,8 +156,9 @@ class TrainConfig:
             raise ValueError(f"outer_optimizer must be 'adam' or 'sgd', got {self.outer_optimizer!r}")
         if self.outer_lr_final is not None and not self.outer_lr_final >= 0:
             raise ValueError(f"outer_lr_final must be non-negative or None, got {self.outer_lr_final!r}")
-        if self.inner_batch is not None and self.algorithm != "reptile":
-            raise ValueError(f"inner_batch is Reptile's (minibatch inner steps), not {self.algorithm}'s")
+        for name in ("inner_batch", "eval_inner_batch"):
+            if getattr(self, name) is not None and self.algorithm != "reptile":
+                raise ValueError(f"{name} is Reptile's (minibatch inner steps), not {self.algorithm}'s")
         if self.inner_optimizer != "sgd" and self.algorithm != "reptile":
             raise ValueError(f"inner_optimizer {self.inner_optimizer!r} is Reptile's, not {self.algorithm}'s")
         if self.inner_state not in INNER_STATES:
@@ -229,6 +239,7 @@ class TrainConfig:
                 self.inner_lr,
                 steps,
                 inner_batch=self.inner_batch,
+                adapt_batch=self.eval_inner_batch,
                 inner_optimizer=self.inner_optimizer,
                 start_state=start_state,
             )
@@ -271,6 +282,40 @@ def defining_differences(
         for f in fields(TrainConfig)
         if f.name not in EXECUTION_OPTIONS and getattr(first, f.name) != getattr(second, f.name)
     }
+
+
+def training_differences(
+    first: TrainConfig | dict[str, Any], second: TrainConfig | dict[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """The options in which two configurations' *meta-training* differs, as
+    ``{name: (first's value, second's value)}``; empty when both train the same sequence of φ
+    from the same φ0 on the same task stream, and differ at most in how they are validated and
+    meta-tested.
+
+    That is :func:`defining_differences` less :data:`EVALUATION_OPTIONS`, with two refinements.
+    ``iterations`` counts when the outer step size is annealed over them (``outer_lr_final``).
+    Reptile trains on each task's support and query images together (``Task.joined``), so its
+    ``shots`` and ``queries`` count only through their sum: Nichol et al. meta-train 5-way 1-shot
+    and 5-shot alike, on 10 drawings per class, and differ only at test. (The test suite checks
+    that two such runs give the same φ bit for bit.)"""
+    first, second = (c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in (first, second))
+    differences = {
+        name: values
+        for name, values in defining_differences(first, second).items()
+        if name not in EVALUATION_OPTIONS
+    }
+    if first.iterations != second.iterations and (first.outer_lr_final, second.outer_lr_final) != (
+        None,
+        None,
+    ):
+        differences["iterations"] = (first.iterations, second.iterations)
+    if (
+        first.algorithm == second.algorithm == "reptile"
+        and first.shots + first.queries == second.shots + second.queries
+    ):
+        differences.pop("shots", None)
+        differences.pop("queries", None)
+    return differences
 
 
 def resumed_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -640,4 +685,61 @@ def export_run(run_dir: str | Path, *, test_tasks: int = 600, device: str = "cpu
         _, problem, phi = load_checkpoint(run_dir / "final.pt", device)
         summary["test"] = evaluate(config, phi, problem, num_tasks=test_tasks, per_task=True)
     (run_dir / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def export_shared_training(
+    run_dir: str | Path,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    test_tasks: int = 600,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Export the meta-training of the exported run in ``run_dir`` as a run of ``config``, a
+    protocol that trains identically and differs only in how it is meta-tested
+    (:func:`training_differences` is empty): Reptile 5-way 5-shot from the 5-way 1-shot run, say.
+
+    Writes ``out_dir/final.pt`` (the run's final φ, and its carried inner state if any, under
+    ``config``) and ``out_dir/run.json`` as :func:`export_run` does, with ``trained_by`` naming the
+    run, whose sessions, meta-iterations and wall time it shares. It has no validation curve of its
+    own: the run's was measured on the run's setting. Raises ``FileNotFoundError`` if the run is not
+    exported and ``ValueError`` naming the options in which the two train differently."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"no run.json in {run_dir}: export the run first (python -m gbml export)")
+    source = json.loads((run_dir / "run.json").read_text())
+    state = torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True)
+    differences = training_differences(state["config"], config)
+    if differences:
+        raise ValueError(
+            f"{run_dir} was meta-trained differently (its value, the requested one): {differences}; only "
+            f"options of evaluation ({', '.join(EVALUATION_OPTIONS)}) and Reptile's split of a task's "
+            "drawings into support and query may differ"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_dir / "final.pt", {**state, "config": asdict(config)})
+    from gbml.protocols import OMNIGLOT_RUNS, run_name  # protocols builds on this module
+
+    name = run_name(config)
+    registered = name in OMNIGLOT_RUNS and not defining_differences(OMNIGLOT_RUNS[name], config)
+    summary = {
+        "command": (
+            f"python -m gbml export {run_dir} --as {name} --out {out_dir} --test-tasks {test_tasks}"
+            if registered
+            else None  # a configuration the command line cannot name
+        ),
+        "trained_by": run_dir.name,
+        "config": asdict(config),
+        "iterations": source["iterations"],
+        "tasks_seen": source["tasks_seen"],
+        "elapsed_s": source["elapsed_s"],
+        "sessions": source["sessions"],
+        "val": [],
+        "train": source["train"],
+    }
+    if test_tasks:
+        _, problem, phi = load_checkpoint(out_dir / "final.pt", device)
+        summary["test"] = evaluate(config, phi, problem, num_tasks=test_tasks, per_task=True)
+    (out_dir / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -92,10 +92,12 @@ class Reptile(GradientStepAlgorithm):
     minibatches); plain gradient steps (``inner_optimizer="sgd"``) or Adam's (``"adam"``), with
     ``betas`` and ``eps``. Adam starts every task, at meta-training and at meta-test, from
     ``start_state``: fresh moments if None, or a state carried from training (Nichol et al.'s
-    evaluation; see :meth:`carried_task_delta`)."""
+    evaluation; see :meth:`carried_task_delta`). At meta-test, :meth:`adapt` steps on the whole
+    support set, or on the next ``adapt_batch`` examples of it (Nichol et al.'s ``eval_batch``)."""
 
     inner_steps: int = 5
     inner_batch: int | None = None
+    adapt_batch: int | None = None
     inner_optimizer: str = "sgd"
     betas: tuple[float, float] = (0.0, 0.999)  # Nichol et al.'s β₁ = 0
     eps: float = 1e-8
@@ -103,12 +105,10 @@ class Reptile(GradientStepAlgorithm):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.inner_batch is not None and (
-            isinstance(self.inner_batch, bool)
-            or not isinstance(self.inner_batch, int)
-            or self.inner_batch < 1
-        ):
-            raise ValueError(f"inner_batch must be a positive integer or None, got {self.inner_batch!r}")
+        for name in ("inner_batch", "adapt_batch"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {self.inner_optimizer!r}")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
@@ -120,10 +120,12 @@ class Reptile(GradientStepAlgorithm):
             raise ValueError("start_state is the inner Adam's state: it needs inner_optimizer='adam'")
 
     def adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> Params:
-        """L steps of the inner optimiser on the whole support set (at test the query set is unseen)."""
-        if self.inner_optimizer == "sgd":
+        """L steps of the inner optimiser on the support set (at test the query set is unseen): on
+        all of it, or on consecutive minibatches of ``adapt_batch`` examples in class-interleaved
+        order, cycling."""
+        if self.inner_optimizer == "sgd" and self.adapt_batch is None:
             return super().adapt(loss, phi, x, y)
-        return self._inner_loop(loss, phi, x, y, batch=None, start=self.start_state)[0]
+        return self._inner_loop(loss, phi, x, y, batch=self.adapt_batch, start=self.start_state)[0]
 
     def task_delta(self, loss: LossFn, phi: Params, task: Task) -> tuple[Params, TaskInfo]:
         x_all, y_all = task.joined()
@@ -179,7 +181,7 @@ class Reptile(GradientStepAlgorithm):
         size = x.shape[0]
         if batch is not None:
             if batch > size:
-                raise ValueError(f"inner_batch = {batch} is more than the task's {size} examples")
+                raise ValueError(f"a minibatch of {batch} is more than the task's {size} examples")
             x, y = interleaved_by_class(x, y)
         gradient_and_loss = grad_and_value(loss)
         theta = detached(phi)
