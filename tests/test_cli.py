@@ -149,7 +149,7 @@ def test_reptile_meta_trains_one_and_five_shot_alike_and_exports_the_training_as
     training.export_run(tmp_path / "1-shot", test_tasks=0)
     shared = training.export_shared_training(tmp_path / "1-shot", five, tmp_path / "as-5-shot", test_tasks=10)
     assert shared["trained_by"] == "1-shot" and shared["val"] == [] and shared["iterations"] == 4
-    assert shared["command"] is None  # a tiny configuration: no registered name to export it as
+    assert shared["command"] is None  # (the command line passes the one that writes it)
     # Meta-tested as the run trained with the 5-shot protocol is.
     _, problem, phi = training.load_checkpoint(tmp_path / "5-shot" / "last.pt", "cpu")
     separately = training.evaluate(five, phi, problem, num_tasks=10, per_task=True)

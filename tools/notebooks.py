@@ -247,6 +247,11 @@ def training_runs_table() -> str:
         accuracy = (
             f"{100 * test['mean']:.1f} ± {100 * test['ci95']:.1f}% ({test['tasks']} tasks)" if test else "–"
         )
+        if run.get("trained_by"):  # meta-tested from another run's training: its sessions are that run's
+            training = f"the meta-training of `{run['trained_by']}`"
+            total = f"{run['iterations']:,} / {run['tasks_seen']:,}"
+            rows.append([f"`{path.parent.name}`", training, "", "", "", "", "", total, accuracy])
+            continue
         for i, session in enumerate(run["sessions"]):
             first = i == 0
             rows.append(
@@ -279,7 +284,11 @@ def training_runs_table() -> str:
         f"- `{p.parent.name}`: `{json.loads(p.read_text())['command']}`"
         for p in sorted(RESULTS.glob("*/run.json"))
     )
-    return markdown_table(header, rows) + "\nThe command that continues each run:\n\n" + commands + "\n"
+    return (
+        markdown_table(header, rows)
+        + "\nThe command that continues each run (for a run meta-tested from another's training: the one"
+        " that exports it again, after that run has been continued and exported):\n\n" + commands + "\n"
+    )
 
 
 def write_page() -> None:

@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.out,
                     test_tasks=args.test_tasks,
                     device=args.device,
+                    command=f"python -m gbml export {args.run_dir} --as {args.as_run} --out {args.out} "
+                    f"--test-tasks {args.test_tasks}",
                 )
             summary = {k: v for k, v in exported.items() if k not in ("val", "train")}
             if "test" in summary:

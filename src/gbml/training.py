@@ -297,17 +297,16 @@ def training_differences(
     Reptile trains on each task's support and query images together (``Task.joined``), so its
     ``shots`` and ``queries`` count only through their sum: Nichol et al. meta-train 5-way 1-shot
     and 5-shot alike, on 10 drawings per class, and differ only at test. (The test suite checks
-    that two such runs give the same φ bit for bit.)"""
+    that two such runs of their protocol give the same φ bit for bit; with full-batch inner steps
+    the same images are summed in another order, so φ agrees up to rounding.)"""
     first, second = (c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in (first, second))
     differences = {
         name: values
         for name, values in defining_differences(first, second).items()
         if name not in EVALUATION_OPTIONS
     }
-    if first.iterations != second.iterations and (first.outer_lr_final, second.outer_lr_final) != (
-        None,
-        None,
-    ):
+    annealed = first.outer_lr_final is not None or second.outer_lr_final is not None
+    if annealed and first.iterations != second.iterations:
         differences["iterations"] = (first.iterations, second.iterations)
     if (
         first.algorithm == second.algorithm == "reptile"
@@ -695,6 +694,7 @@ def export_shared_training(
     *,
     test_tasks: int = 600,
     device: str = "cpu",
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Export the meta-training of the exported run in ``run_dir`` as a run of ``config``, a
     protocol that trains identically and differs only in how it is meta-tested
@@ -703,8 +703,10 @@ def export_shared_training(
     Writes ``out_dir/final.pt`` (the run's final φ, and its carried inner state if any, under
     ``config``) and ``out_dir/run.json`` as :func:`export_run` does, with ``trained_by`` naming the
     run, whose sessions, meta-iterations and wall time it shares. It has no validation curve of its
-    own: the run's was measured on the run's setting. Raises ``FileNotFoundError`` if the run is not
-    exported and ``ValueError`` naming the options in which the two train differently."""
+    own: the run's was measured on the run's setting. ``command`` (recorded in ``run.json``) is
+    the command line that writes this export, if there is one (``python -m gbml export --as``
+    names registered protocols only). Raises ``FileNotFoundError`` if the run is not exported and
+    ``ValueError`` naming the options in which the two train differently."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"no run.json in {run_dir}: export the run first (python -m gbml export)")
@@ -719,16 +721,8 @@ def export_shared_training(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out_dir / "final.pt", {**state, "config": asdict(config)})
-    from gbml.protocols import OMNIGLOT_RUNS, run_name  # protocols builds on this module
-
-    name = run_name(config)
-    registered = name in OMNIGLOT_RUNS and not defining_differences(OMNIGLOT_RUNS[name], config)
     summary = {
-        "command": (
-            f"python -m gbml export {run_dir} --as {name} --out {out_dir} --test-tasks {test_tasks}"
-            if registered
-            else None  # a configuration the command line cannot name
-        ),
+        "command": command,
         "trained_by": run_dir.name,
         "config": asdict(config),
         "iterations": source["iterations"],
