@@ -34,7 +34,9 @@ def test_chapter_8_retrains_a_run_at_smoke_size(tmp_path, monkeypatch):
     the default mode on the full data set where that is found)."""
     monkeypatch.setenv("SMOKE_TEST", "1")
     out = tmp_path / "08.ipynb"
-    parameters = {"train": True, "runs": "fomaml-5w1s", "run_dir": str(tmp_path / "runs")}
+    # Reptile's 5-shot protocol trains as its 1-shot one: retraining meta-tests the 1-shot training.
+    runs = "fomaml-5w1s,reptile-5w1s,reptile-5w5s"
+    parameters = {"train": True, "runs": runs, "run_dir": str(tmp_path / "runs")}
     papermill.execute_notebook(
         str(ROOT / "book" / "08_omniglot.ipynb"),
         str(out),
@@ -46,12 +48,15 @@ def test_chapter_8_retrains_a_run_at_smoke_size(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "runs-smoke" / "fomaml-5w1s" / "run.json").read_text())
     assert summary["iterations"] == 4 and summary["config"]["algorithm"] == "fomaml"
     assert summary["config"]["dataset"] == "omniglot-mini"
+    shared = json.loads((tmp_path / "runs-smoke" / "reptile-5w5s" / "run.json").read_text())
+    assert shared["trained_by"] == "reptile-5w1s" and shared["config"]["shots"] == 5
+    assert not (tmp_path / "runs-smoke" / "reptile-5w5s" / "last.pt").exists()  # not trained again
     text = "\n".join(
         "".join(o.get("text", ""))
         for cell in nbformat.read(out, as_version=4).cells
         for o in cell.get("outputs", [])
     )
-    assert "retraining: fomaml-5w1s" in text
+    assert f"retraining: {runs.replace(',', ', ')}" in text
     assert "every run re-evaluates to the accuracies recorded in its run.json: True" in text
     assert "Omniglot(50 characters × 20 drawings, 28×28 uint8)" in text
 
@@ -75,6 +80,39 @@ def test_there_are_committed_runs_and_each_follows_its_protocol():
         carried = {"inner_state"} if saved["inner_state"] == "carried" else set()
         assert final["iteration"] == summary["iterations"]
         assert set(final) == {"config", "iteration", "model"} | carried, folder.name
+
+
+def test_a_run_meta_tested_from_another_runs_training_holds_exactly_that_training():
+    """Reptile's 5-shot row is the 1-shot run's meta-training (Nichol et al. train both alike): its
+    final.pt must hold that run's final φ and inner state, and the two protocols must differ only in
+    evaluation, so that re-exporting it after the run goes on is not forgotten."""
+    from gbml.training import training_differences
+
+    shared = [f for f in COMMITTED if json.loads((f / "run.json").read_text()).get("trained_by")]
+    assert "reptile-5w5s" in {f.name for f in shared}
+    for folder in shared:
+        summary = json.loads((folder / "run.json").read_text())
+        source = folder.parent / summary["trained_by"]
+        trained = json.loads((source / "run.json").read_text())
+        assert training_differences(trained["config"], summary["config"]) == {}, folder.name
+        assert (summary["iterations"], summary["sessions"]) == (trained["iterations"], trained["sessions"])
+        ours, theirs = (
+            _result_tensors(torch.load(f / "final.pt", weights_only=True)) for f in (folder, source)
+        )
+        assert ours.keys() == theirs.keys(), folder.name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), folder.name
+
+
+def _result_tensors(checkpoint):
+    """What a run's final.pt holds of the meta-learned result: φ, its iteration and any carried
+    inner state (moments and step count), keyed by where they come from."""
+    tensors = {("model", k): v for k, v in checkpoint["model"].items()}
+    tensors["iteration",] = torch.tensor(checkpoint["iteration"])
+    if "inner_state" in checkpoint:
+        state = checkpoint["inner_state"]
+        tensors |= {(moment, k): v for moment in ("m", "v") for k, v in state[moment].items()}
+        tensors["step",] = torch.tensor(state["step"])
+    return tensors
 
 
 # One committed run of each algorithm (its first setting).
