@@ -120,6 +120,34 @@ def test_a_checkpoint_older_than_an_option_resumes_only_at_that_options_default(
     assert history["val"][-1]["iteration"] == 4
 
 
+def test_an_annealed_run_cannot_be_resumed_at_another_length(tmp_path, monkeypatch):
+    """With the outer step annealed over the run (outer_lr_final), the length sets every step's
+    size: resuming at another length would change the step mid-way, so it is refused; a run whose
+    step is constant may be made longer."""
+    monkeypatch.setenv("GBML_CACHE_DIR", str(tmp_path / "cache"))
+    config = TrainConfig(
+        algorithm="reptile",
+        dataset="omniglot-mini",
+        ways=3,
+        iterations=2,
+        outer_optimizer="sgd",
+        outer_lr=1.0,
+        outer_lr_final=0.0,
+        validate_every=2,
+        validation_tasks=3,
+    )
+    training.train(config, tmp_path, progress=False)
+    assert config.outer_lr_at(1) != replace(config, iterations=4).outer_lr_at(1)  # why it matters
+    assert training.defining_differences(config, replace(config, iterations=4)) == {"iterations": (2, 4)}
+    assert training.defining_differences(config, replace(config, device="cpu", batched=False)) == {}
+    with pytest.raises(ValueError, match="other options"):
+        training.resumed_config(tmp_path, {"iterations": 4})
+    with pytest.raises(ValueError, match="other options"):
+        training.train(replace(config, iterations=4), tmp_path, resume=True, progress=False)
+    constant = replace(config, outer_lr_final=None)
+    assert training.defining_differences(constant, replace(constant, iterations=4)) == {}
+
+
 def test_reptile_meta_trains_one_and_five_shot_alike_and_exports_the_training_as_both(tmp_path, monkeypatch):
     """Nichol et al. meta-train 5-way 1-shot and 5-shot Reptile alike (10 drawings per class, all
     trained on); only meta-testing differs. Trained separately (tiny, on the miniature), the two

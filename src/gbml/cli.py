@@ -8,6 +8,7 @@ Examples::
         --out runs/omni-5w1s     # Finn et al.'s protocol (their α = 0.4 on Σ CE/K is 2.0 here)
     python -m gbml train --resume runs/omni-5w1s   # continue it, options read from its last.pt
     python -m gbml train --resume runs/omni-5w1s --iterations 80000   # ... and make it longer
+                                  # (refused if --outer-lr-final anneals the step over its length)
     python -m gbml export runs/omni-5w1s     # final.pt and run.json, for sharing
     python -m gbml export runs/reptile-5w1s --as reptile-5w5s --out runs/reptile-5w5s
                                              # the same meta-training, meta-tested as 5-shot

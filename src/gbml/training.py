@@ -61,8 +61,9 @@ INNER_STATES = ("fresh", "carried")
 #: TrainConfig.fast_weights: which parameters MAML's and FO-MAML's inner loop adapts. Finn et al.'s
 #: code adapts all but batch norm's shift ("no_batch_norm"), which only the outer loop learns.
 FAST_WEIGHTS = ("all", "no_batch_norm")
-#: The options a resumed run may change: its length, and where and along which code path it runs
-#: (every path computes the same meta-gradient up to rounding; the test suite checks this).
+#: The options a resumed run may change: its length (unless the outer step is annealed over it),
+#: and where and along which code path it runs (every path computes the same meta-gradient up to
+#: rounding; the test suite checks this).
 EXECUTION_OPTIONS = ("iterations", "device", "batched")
 #: The options that change only how a run is validated and meta-tested, never its meta-training.
 EVALUATION_OPTIONS = (
@@ -273,15 +274,21 @@ def defining_differences(
     ``{name: (first's value, second's value)}``.
 
     Every option but those of :data:`EXECUTION_OPTIONS` defines a run: two runs that agree on them
-    train the same problem from the same φ0 on the same task stream. A dict (a checkpoint's or a
-    ``run.json``'s ``config``) that lacks an option, having been written before it existed, is read
-    at the option's default, which is the behaviour every option was added to keep."""
+    train the same problem from the same φ0 on the same task stream. ``iterations`` defines it too
+    when the outer step size is annealed over them (``outer_lr_final``): the length then sets every
+    step's size. A dict (a checkpoint's or a ``run.json``'s ``config``) that lacks an option, having
+    been written before it existed, is read at the option's default, which is the behaviour every
+    option was added to keep."""
     first, second = (c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in (first, second))
-    return {
+    differences = {
         f.name: (getattr(first, f.name), getattr(second, f.name))
         for f in fields(TrainConfig)
         if f.name not in EXECUTION_OPTIONS and getattr(first, f.name) != getattr(second, f.name)
     }
+    annealed = first.outer_lr_final is not None or second.outer_lr_final is not None
+    if annealed and first.iterations != second.iterations:
+        differences["iterations"] = (first.iterations, second.iterations)
+    return differences
 
 
 def training_differences(
@@ -292,8 +299,7 @@ def training_differences(
     from the same φ0 on the same task stream, and differ at most in how they are validated and
     meta-tested.
 
-    That is :func:`defining_differences` less :data:`EVALUATION_OPTIONS`, with two refinements.
-    ``iterations`` counts when the outer step size is annealed over them (``outer_lr_final``).
+    That is :func:`defining_differences` less :data:`EVALUATION_OPTIONS`, with one refinement.
     Reptile trains on each task's support and query images together (``Task.joined``), so its
     ``shots`` and ``queries`` count only through their sum: Nichol et al. meta-train 5-way 1-shot
     and 5-shot alike, on 10 drawings per class, and differ only at test. (The test suite checks
@@ -305,9 +311,6 @@ def training_differences(
         for name, values in defining_differences(first, second).items()
         if name not in EVALUATION_OPTIONS
     }
-    annealed = first.outer_lr_final is not None or second.outer_lr_final is not None
-    if annealed and first.iterations != second.iterations:
-        differences["iterations"] = (first.iterations, second.iterations)
     if (
         first.algorithm == second.algorithm == "reptile"
         and first.shots + first.queries == second.shots + second.queries
@@ -321,8 +324,8 @@ def resumed_config(run_dir: str | Path, overrides: dict[str, Any] | None = None)
     """The configuration of the run saved in ``run_dir/last.pt``, for continuing it.
 
     ``overrides`` may change the options of :data:`EXECUTION_OPTIONS` (how long and how the run
-    goes on); any other option given must equal the saved value, or this raises ``ValueError``
-    naming the differences."""
+    goes on; not how long when the outer step is annealed over the run's length); any other option
+    given must equal the saved value, or this raises ``ValueError`` naming the differences."""
     last = Path(run_dir) / "last.pt"
     if not last.exists():
         raise FileNotFoundError(f"no checkpoint at {last}: nothing to resume")
@@ -335,7 +338,8 @@ def resumed_config(run_dir: str | Path, overrides: dict[str, Any] | None = None)
     if conflicting:
         raise ValueError(
             f"{last} was written with other options (saved, given): {conflicting}; a resumed run may "
-            f"change only {', '.join(EXECUTION_OPTIONS)}"
+            f"change only {', '.join(EXECUTION_OPTIONS)} (not iterations when outer_lr_final anneals "
+            "the outer step over them)"
         )
     return replace(saved, **{k: v for k, v in overrides.items() if k in EXECUTION_OPTIONS})
 
