@@ -201,9 +201,10 @@ def test_pretraining_and_fine_tuning_on_real_omniglot(dataset, tmp_path, capsys)
 @pytest.mark.parametrize("whole_net", [False, True])
 def test_a_fine_tuning_sweep_scores_every_setting_as_its_own_run(whole_net):
     """A sweep shares the first steps of settings with one step size (and head-only fine-tuning the
-    body's features); each setting must still score as gradient descent written by hand from a zero
-    head would (float64, on the miniature shipped with gbml), and as evaluate_finetuning does."""
-    from gbml.baselines import evaluate_finetuning, finetune_grid_accuracies, sweep_finetuning
+    body's features); each setting must still give the query logits and accuracies of gradient
+    descent written by hand from a zero head (float64, on the miniature shipped with gbml), and
+    sweep_finetuning must score the tasks evaluate draws, chunk by chunk."""
+    from gbml.baselines import finetune_grid_accuracies, finetune_grid_logits, sweep_finetuning
     from gbml.omniglot import OmniglotTasks
 
     torch.manual_seed(0)
@@ -217,6 +218,9 @@ def test_a_fine_tuning_sweep_scores_every_setting_as_its_own_run(whole_net):
     assert list(swept) == [(0.5, 4), (0.5, 1), (0.1, 3), (0.5, 0)]
     looped = finetune_grid_accuracies(body, tasks, ways=5, grid=grid, whole_net=whole_net, batched=False)
     assert all(torch.equal(swept[s], looped[s]) for s in swept)
+    swept_logits = finetune_grid_logits(body, tasks, ways=5, grid=grid, whole_net=whole_net)
+    # one more step changes the logits: the comparison below can tell step counts apart
+    assert not torch.allclose(swept_logits[0.5, 1], swept_logits[0.5, 0])
 
     for (lr, steps), accuracies in swept.items():
         for t in range(3):
@@ -233,7 +237,9 @@ def test_a_fine_tuning_sweep_scores_every_setting_as_its_own_run(whole_net):
                 for (name, p), g in zip(trained.items(), grads):
                     theta[name] = (p - lr * g).detach().requires_grad_(True)
             with torch.no_grad():
-                predicted = torch.func.functional_call(net, theta, (task.x_query,)).argmax(-1)
+                by_hand = torch.func.functional_call(net, theta, (task.x_query,))
+            torch.testing.assert_close(swept_logits[lr, steps][t], by_hand, rtol=1e-9, atol=1e-12)
+            predicted = by_hand.argmax(-1)
             assert float(accuracies[t]) == float((predicted == task.y_query).double().mean()), (lr, steps, t)
 
     body32 = {name: p.float() for name, p in body.items()}  # the sampled tasks are float32
@@ -242,15 +248,22 @@ def test_a_fine_tuning_sweep_scores_every_setting_as_its_own_run(whole_net):
         family,
         shots=1,
         queries=1,
-        grid=[(0.5, 1), (0.5, 3)],
+        grid=(setting for setting in [(0.5, 1), (0.5, 3)]),  # a generator, read for every chunk
         whole_net=whole_net,
         num_tasks=6,
         chunk=4,
+        seed=7,
     )
-    alone = evaluate_finetuning(
-        body32, family, shots=1, queries=1, lr=0.5, steps=3, whole_net=whole_net, num_tasks=6, chunk=4
-    )
-    assert sweep[0.5, 3] == alone and sweep[0.5, 1]["tasks"] == 6
+    generator = torch.Generator().manual_seed(7)  # evaluate's draw: chunks of 4, then the 2 left
+    drawn = [family.sample(size, 1, 1, generator) for size in (4, 2)]
+    for setting in [(0.5, 1), (0.5, 3)]:
+        expected = torch.cat(
+            [
+                finetune_grid_accuracies(body32, t, ways=5, grid=[setting], whole_net=whole_net)[setting]
+                for t in drawn
+            ]
+        )
+        assert sweep[setting]["per_task"] == expected.double().tolist() and sweep[setting]["tasks"] == 6
     with pytest.raises(ValueError, match="grid is empty"):
         finetune_grid_accuracies(body, tasks, ways=5, grid=[], whole_net=whole_net)
     with pytest.raises(ValueError, match="lr"):

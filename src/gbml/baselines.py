@@ -125,11 +125,11 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu") -> tup
 Setting = tuple[float, int]
 
 
-def finetune_grid_accuracies(
+def finetune_grid_logits(
     body: Params, tasks: Task, *, ways: int, grid: Iterable[Setting], whole_net: bool, batched: bool = True
 ) -> dict[Setting, Tensor]:
-    """Query accuracy of every task (shape (T,)) after fine-tuning with each ``(lr, steps)`` of
-    ``grid``: a new zero-initialised N-way head (and with ``whole_net=True`` the body too) takes
+    """Every task's query logits (shape (T, queries, N)) after fine-tuning with each ``(lr, steps)``
+    of ``grid``: a new zero-initialised N-way head (and with ``whole_net=True`` the body too) takes
     ``steps`` gradient steps of size ``lr`` on the mean support cross-entropy.
 
     Settings that share a step size share their first steps (10 steps of gradient descent are 3
@@ -172,7 +172,7 @@ def finetune_grid_accuracies(
             def logits(h: Params) -> Tensor:
                 return F.linear(query, h["head.weight"], h["head.bias"])
 
-        accuracy = {}
+        scored = {}
         for lr, counts in stops.items():
             theta, done = start, 0
             for steps in counts:
@@ -180,16 +180,27 @@ def finetune_grid_accuracies(
                     objective, theta, support, task.y_support, lr=lr, steps=steps - done, differentiable=False
                 )
                 done = steps
-                accuracy[lr, steps] = (
-                    (logits(theta).argmax(dim=-1) == task.y_query).to(reference.dtype).mean()
-                )
-        return torch.stack([accuracy[setting] for setting in grid])
+                scored[lr, steps] = logits(theta)
+        return torch.stack([scored[setting] for setting in grid])
 
     if batched:
         values = vmap(one, randomness="error")(tasks)
     else:
         values = torch.stack([one(tasks.task(t)) for t in range(tasks.num_tasks)])
     return {setting: values[:, i] for i, setting in enumerate(grid)}
+
+
+def finetune_grid_accuracies(
+    body: Params, tasks: Task, *, ways: int, grid: Iterable[Setting], whole_net: bool, batched: bool = True
+) -> dict[Setting, Tensor]:
+    """Query accuracy of every task (shape (T,)) after fine-tuning with each ``(lr, steps)`` of
+    ``grid``, as :func:`finetune_grid_logits` fine-tunes."""
+    logits = finetune_grid_logits(body, tasks, ways=ways, grid=grid, whole_net=whole_net, batched=batched)
+    dtype = next(iter(body.values())).dtype
+    return {
+        setting: (scores.argmax(dim=-1) == tasks.y_query).to(dtype).mean(dim=-1)
+        for setting, scores in logits.items()
+    }
 
 
 def finetune_accuracies(
@@ -221,6 +232,7 @@ def sweep_finetuning(
     them (same seed and chunk: the same tasks). The grid shares work as
     :func:`finetune_grid_accuracies` says."""
     check_positive_integer("num_tasks", num_tasks)
+    grid = list(grid)  # read once per chunk: a generator would be empty after the first
     device = next(iter(body.values())).device
     generator = torch.Generator().manual_seed(seed)
     chunks = []
