@@ -203,7 +203,25 @@ def test_reptile_meta_trains_one_and_five_shot_alike_and_exports_the_training_as
         training.export_shared_training(tmp_path / "1-shot", replace(five, seed=1), tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="export the run first"):
         training.export_shared_training(tmp_path / "5-shot", one, tmp_path / "x")
-    out = str(tmp_path / "y")
+    # An export overwrites neither the run it exports nor another run.
+    for taken in ("1-shot", "5-shot"):  # an exported run; a run with a checkpoint
+        with pytest.raises(FileExistsError, match="holds a run of its own"):
+            training.export_shared_training(tmp_path / "1-shot", five, tmp_path / taken, test_tasks=0)
+    again = training.export_shared_training(tmp_path / "1-shot", five, tmp_path / "as-5-shot", test_tasks=0)
+    assert again["trained_by"] == "1-shot"  # a re-export replaces an earlier export of the same run
+
+    # The command line writes it and records the command that does (a protocol registered for it).
+    monkeypatch.setitem(OMNIGLOT_RUNS, "tiny-5w5s", five)
+    out = str(tmp_path / "cli-5-shot")
+    argv = ["export", str(tmp_path / "1-shot"), "--as", "tiny-5w5s", "--out", out, "--test-tasks", "10"]
+    assert main(argv) == 0
+    written = json.loads((tmp_path / "cli-5-shot" / "run.json").read_text())
+    assert written["command"] == "python -m gbml " + " ".join(argv)
+    assert written["test"]["per_task"] == separately["per_task"] and written["trained_by"] == "1-shot"
+    assert (
+        main(["export", str(tmp_path / "1-shot"), "--as", "tiny-5w5s", "--out", str(tmp_path / "1-shot")])
+        == 2
+    )
     assert main(["export", str(tmp_path / "1-shot"), "--as", "reptile-5w5s", "--out", out]) == 2
     assert main(["export", str(tmp_path / "1-shot"), "--as", "reptile-5w9s", "--out", out]) == 2
     assert main(["export", str(tmp_path / "1-shot"), "--out", out]) == 2

@@ -709,12 +709,22 @@ def export_shared_training(
     run, whose sessions, meta-iterations and wall time it shares. It has no validation curve of its
     own: the run's was measured on the run's setting. ``command`` (recorded in ``run.json``) is
     the command line that writes this export, if there is one (``python -m gbml export --as``
-    names registered protocols only). Raises ``FileNotFoundError`` if the run is not exported and
-    ``ValueError`` naming the options in which the two train differently."""
+    names registered protocols only). Raises ``FileNotFoundError`` if the run is not exported,
+    ``ValueError`` naming the options in which the two train differently, and ``FileExistsError``
+    if ``out_dir`` holds a run of its own (a checkpoint, or a ``run.json`` not exported from this
+    run), the run itself included: an export must not overwrite what it exports or another run."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"no run.json in {run_dir}: export the run first (python -m gbml export)")
     source = json.loads((run_dir / "run.json").read_text())
+    previous = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").exists() else None
+    if (out_dir / "last.pt").exists() or (
+        previous is not None and previous.get("trained_by") != run_dir.name
+    ):
+        raise FileExistsError(
+            f"{out_dir} holds a run of its own; export {run_dir}'s training to a new folder or to one "
+            "it was exported to before"
+        )
     state = torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True)
     differences = training_differences(state["config"], config)
     if differences:
