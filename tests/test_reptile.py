@@ -231,6 +231,14 @@ def test_meta_test_minibatches_are_nichols_evaluation_loop(optimizer, generator,
     assert config.make_algorithm().adapt_batch == 4
     with pytest.raises(ValueError, match="eval_inner_batch is Reptile's"):
         TrainConfig(algorithm="maml", eval_inner_batch=4)
+    # On Omniglot a minibatch that does not fit is refused when the run is set up, not at its first
+    # validation: meta-test steps draw from the N·K support images, training steps from N·(K+Q).
+    omniglot = {"algorithm": "reptile", "dataset": "omniglot", "ways": 5, "shots": 1, "queries": 9}
+    assert TrainConfig(**omniglot, inner_batch=50, eval_inner_batch=5).eval_inner_batch == 5
+    with pytest.raises(ValueError, match="eval_inner_batch 10 is more than the 5 images"):
+        TrainConfig(**omniglot, eval_inner_batch=10)
+    with pytest.raises(ValueError, match="inner_batch 51 is more than the 50 images"):
+        TrainConfig(**omniglot, inner_batch=51)
     with pytest.raises(ValueError, match="adapt_batch must be a positive integer"):
         gbml.Reptile(inner_lr=0.1, adapt_batch=0)
     with pytest.raises(ValueError, match="minibatch of 7 is more than the task's 6 examples"):

@@ -160,6 +160,16 @@ class TrainConfig:
         for name in ("inner_batch", "eval_inner_batch"):
             if getattr(self, name) is not None and self.algorithm != "reptile":
                 raise ValueError(f"{name} is Reptile's (minibatch inner steps), not {self.algorithm}'s")
+        if self.dataset != "sinusoid":  # a minibatch must fit in a task's N·K images (N·(K+Q) in training)
+            sizes = {
+                "inner_batch": self.ways * (self.shots + self.queries),
+                "eval_inner_batch": self.ways * self.shots,
+            }
+            for name, size in sizes.items():
+                if getattr(self, name) is not None and getattr(self, name) > size:
+                    raise ValueError(
+                        f"{name} {getattr(self, name)} is more than the {size} images it is drawn from"
+                    )
         if self.inner_optimizer != "sgd" and self.algorithm != "reptile":
             raise ValueError(f"inner_optimizer {self.inner_optimizer!r} is Reptile's, not {self.algorithm}'s")
         if self.inner_state not in INNER_STATES:
