@@ -190,10 +190,11 @@ def test_minibatch_vmap_equals_loop(generator, conv_setup):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_meta_test_minibatches_are_nichols_evaluation_loop(optimizer, generator, conv_setup):
+def test_meta_test_minibatches_cycle_through_the_support_set(optimizer, generator, conv_setup):
     """adapt_batch: at meta-test each step takes the next block of the class-interleaved support
-    set, cycling (Nichol et al.'s eval_batch), from fresh moments or from a carried state; against
-    the loop written out. A block of the whole support set is the full-batch step."""
+    set, cycling (Nichol et al.'s eval_batch, in a fixed order where theirs reshuffles), from fresh
+    moments or from a carried state; against the loop written out. A block of the whole support set
+    is the full-batch step."""
     model, criterion = conv_setup
     task = _class_major_task(generator)
     loss, phi = gbml.make_loss(model, criterion), clone_params(model)
