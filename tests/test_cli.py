@@ -120,6 +120,35 @@ def test_a_checkpoint_older_than_an_option_resumes_only_at_that_options_default(
     assert history["val"][-1]["iteration"] == 4
 
 
+def test_training_and_evaluation_run_without_tf32_and_restore_the_settings(tmp_path, monkeypatch):
+    """On a GPU, TF32 would round float32 products to 10-bit mantissas (PyTorch allows it for
+    cuDNN convolutions by default): train and evaluate turn it off for their duration, say so in
+    the run's record, and leave the caller's settings as they were."""
+    from gbml.notebook import exact_float32, tf32_enabled
+
+    monkeypatch.setenv("GBML_CACHE_DIR", str(tmp_path / "cache"))
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    seen = []
+    real_evaluate_tasks = training.evaluate_tasks
+
+    def spy(*args, **kwargs):
+        seen.append(tf32_enabled())
+        return real_evaluate_tasks(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_tasks", spy)
+    config = TrainConfig(algorithm="maml", dataset="omniglot-mini", ways=3, iterations=2, validate_every=2)
+    try:
+        history = training.train(config, tmp_path, progress=False)
+        assert history["sessions"][-1]["tf32"] is False and seen and not any(seen)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and tf32_enabled()
+        with exact_float32():
+            assert not tf32_enabled()
+        assert tf32_enabled()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_an_annealed_run_cannot_be_resumed_at_another_length(tmp_path, monkeypatch):
     """With the outer step annealed over the run (outer_lr_final), the length sets every step's
     size: resuming at another length would change the step mid-way, so it is refused; a run whose

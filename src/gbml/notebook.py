@@ -14,7 +14,8 @@ import re
 import subprocess
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,6 +90,25 @@ def machine_description(device: torch.device) -> str:
         pass
     threads = torch.get_num_threads()
     return f"CPU {name}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 matrix products or convolutions may run in TF32 on a CUDA GPU (10-bit
+    mantissa inputs, ~1e-3 relative error): PyTorch allows it for cuDNN convolutions by default."""
+    return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """Within the block, float32 matrix products and convolutions run in full float32 on CUDA
+    GPUs (TF32 off); the previous settings come back after it. Training and evaluation use it so
+    that a GPU run computes what the float32 checks check. (On a CPU the settings change nothing.)"""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 SOURCE_REVISION_ENV = "GBML_SOURCE_REVISION"

@@ -30,7 +30,7 @@ from gbml.compiled import CompiledMetaStep
 from gbml.errors import check_positive_integer
 from gbml.meta import MetaStepResult, apply_meta_gradient, carried_meta_gradient, choose_batched, meta_step
 from gbml.models import ConvNet, SinusoidMLP, finn_omniglot_net, is_batch_norm, make_loss
-from gbml.notebook import machine_description, resolve_device, source_revision
+from gbml.notebook import exact_float32, machine_description, resolve_device, source_revision, tf32_enabled
 from gbml.params import Params, detached, parameters_of
 from gbml.tasks import SinusoidTasks, Task
 
@@ -463,6 +463,7 @@ def mean_and_ci95(values: Tensor) -> tuple[float, float]:
     return float(values.mean()), 1.96 * std / math.sqrt(n)
 
 
+@exact_float32()
 def evaluate(
     config: TrainConfig,
     phi: Params,
@@ -475,7 +476,8 @@ def evaluate(
     device: torch.device | None = None,
     per_task: bool = False,
 ) -> dict[str, Any]:
-    """Mean post-adaptation metric over ``num_tasks`` tasks of ``split`` with its 95% CI.
+    """Mean post-adaptation metric over ``num_tasks`` tasks of ``split`` with its 95% CI
+    (computed in :func:`gbml.notebook.exact_float32`: no TF32 on a GPU).
 
     Tasks are drawn ``chunk`` at a time from a generator seeded with ``seed``, so evaluations with
     the same seed and chunk share their first whole chunks of tasks. ``per_task=True`` adds every
@@ -508,8 +510,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+@exact_float32()
 def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Meta-train, validating every ``validate_every`` iterations; returns the history.
+    """Meta-train, validating every ``validate_every`` iterations; returns the history. Runs in
+    :func:`gbml.notebook.exact_float32` (no TF32 on a GPU), and each session's record says so.
 
     ``out_dir`` receives ``last.pt`` (written at every validation), ``best.pt`` (best validation
     metric so far) and ``history.json``. With ``resume=True`` an existing ``last.pt`` is continued:
@@ -590,6 +594,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
         "to_iteration": start,
         "elapsed_s": 0.0,
         "machine": machine_description(device),
+        "tf32": tf32_enabled(),  # off: train runs in exact_float32
         # A carried inner state makes training take the tasks in turn; batched then applies to evaluation.
         "batched": "in turn (carried state)"
         if config.inner_state == "carried"
