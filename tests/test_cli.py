@@ -242,7 +242,7 @@ def test_reptile_meta_trains_one_and_five_shot_alike_and_exports_the_training_as
     # The command line writes it and records the command that does (a protocol registered for it).
     monkeypatch.setitem(OMNIGLOT_RUNS, "tiny-5w5s", five)
     out = str(tmp_path / "cli-5-shot")
-    argv = ["export", str(tmp_path / "1-shot"), "--as", "tiny-5w5s", "--out", out, "--test-tasks", "10"]
+    argv = f"export {tmp_path / '1-shot'} --as tiny-5w5s --out {out} --test-tasks 10 --device cpu".split()
     assert main(argv) == 0
     written = json.loads((tmp_path / "cli-5-shot" / "run.json").read_text())
     assert written["command"] == "python -m gbml " + " ".join(argv)

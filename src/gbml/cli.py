@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                     test_tasks=args.test_tasks,
                     device=args.device,
                     command=f"python -m gbml export {args.run_dir} --as {args.as_run} --out {args.out} "
-                    f"--test-tasks {args.test_tasks}",
+                    f"--test-tasks {args.test_tasks} --device {args.device}",
                 )
             summary = {k: v for k, v in exported.items() if k not in ("val", "train")}
             if "test" in summary:

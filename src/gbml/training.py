@@ -277,6 +277,11 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def _as_config(config: TrainConfig | dict[str, Any]) -> TrainConfig:
+    """``config`` itself, or the configuration a saved dict describes (see :meth:`TrainConfig.from_dict`)."""
+    return config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+
+
 def defining_differences(
     first: TrainConfig | dict[str, Any], second: TrainConfig | dict[str, Any]
 ) -> dict[str, tuple[Any, Any]]:
@@ -289,7 +294,7 @@ def defining_differences(
     step's size. A dict (a checkpoint's or a ``run.json``'s ``config``) that lacks an option, having
     been written before it existed, is read at the option's default, which is the behaviour every
     option was added to keep."""
-    first, second = (c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in (first, second))
+    first, second = _as_config(first), _as_config(second)
     differences = {
         f.name: (getattr(first, f.name), getattr(second, f.name))
         for f in fields(TrainConfig)
@@ -315,7 +320,7 @@ def training_differences(
     and 5-shot alike, on 10 drawings per class, and differ only at test. (The test suite checks
     that two such runs of their protocol give the same φ bit for bit; with full-batch inner steps
     the same images are summed in another order, so φ agrees up to rounding.)"""
-    first, second = (c if isinstance(c, TrainConfig) else TrainConfig.from_dict(c) for c in (first, second))
+    first, second = _as_config(first), _as_config(second)
     differences = {
         name: values
         for name, values in defining_differences(first, second).items()
