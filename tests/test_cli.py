@@ -18,8 +18,15 @@ TINY = ["--dataset", "sinusoid", "--iterations", "30", "--validate-every", "10",
 def test_train_then_evaluate(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out), "--no-progress", "--test-tasks", "50"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out)
     assert summary["test"]["tasks"] == 50 and summary["test"]["metric"] == "mse"
+    # Without a progress bar, each validation says how far the run got (on stderr: stdout is JSON).
+    lines = [line for line in printed.err.splitlines() if "meta-iteration" in line]
+    assert [line.split("meta-iteration ")[1].split(",")[0] for line in lines] == [
+        f"{n} of 30" for n in (10, 20, 30)
+    ]
+    assert all("validation mse" in line and line.endswith("last.pt written") for line in lines)
     history = json.loads((out / "history.json").read_text())
     assert [v["iteration"] for v in history["val"]] == [10, 20, 30]
     assert len(history["train"]) == 30

@@ -137,7 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the run saved in RUN_DIR (or --out), with the options saved in its checkpoint; "
         "only --iterations, --device and --batched may be given, to change them",
     )
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bar; print one line per validation (to stderr) instead",
+    )
     run.add_argument(
         "--test-tasks", type=int, default=600, help="meta-test tasks evaluated at the end (0: none)"
     )
@@ -203,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                 config = resumed_config(out, given)  # (with no checkpoint and no options: an error)
             else:
                 config = TrainConfig(**given)
-            history = train(config, out, resume=bool(args.resume), progress=not args.no_progress)
+            history = train(
+                config,
+                out,
+                resume=bool(args.resume),
+                progress=not args.no_progress,
+                log=sys.stderr if args.no_progress else None,  # one line per validation instead
+            )
             summary = {"out": out, "final_validation": history["val"][-1] if history["val"] else None}
             if args.test_tasks:
                 _, problem, params = load_checkpoint(f"{out}/best.pt", config.device)

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -516,14 +516,23 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 @exact_float32()
-def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: TextIO | None = None,
+) -> dict:
     """Meta-train, validating every ``validate_every`` iterations; returns the history. Runs in
     :func:`gbml.notebook.exact_float32` (no TF32 on a GPU), and each session's record says so.
 
     ``out_dir`` receives ``last.pt`` (written at every validation), ``best.pt`` (best validation
     metric so far) and ``history.json``. With ``resume=True`` an existing ``last.pt`` is continued:
     the model, the optimizer, the task generator, the history (and a carried inner state) are
-    restored, so the resumed run ends exactly where an uninterrupted one would.
+    restored, so the resumed run ends exactly where an uninterrupted one would. ``log`` (a text
+    stream, e.g. ``sys.stderr``) receives one line per validation: what a run in the background,
+    without its progress bar, has to show.
     """
     from tqdm.auto import tqdm
 
@@ -629,6 +638,15 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
                 query_loss=f"{result.query_loss:.3f}", **{f"val_{val['metric']}": f"{val['mean']:.3f}"}
             )
             checkpoint(iteration + 1)
+            if log is not None:
+                done = iteration + 1 - start
+                print(
+                    f"{out_dir}: meta-iteration {iteration + 1:,} of {config.iterations:,}, validation "
+                    f"{val['metric']} {val['mean']:.4f} ± {val['ci95']:.4f}, {elapsed / 3600:.2f} h in all, "
+                    f"{session['elapsed_s'] / done:.2f} s per meta-iteration this session; last.pt written",
+                    file=log,
+                    flush=True,
+                )
             scores = [v["mean"] for v in history["val"]]
             best = max(scores) if problem.higher_is_better else min(scores)
             if val["mean"] == best:
