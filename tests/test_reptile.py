@@ -61,11 +61,14 @@ def _class_major_task(generator, ways=3, shots=2, queries=3):
     return gbml.Task(*part(shots), *part(queries))
 
 
-def _hand_minibatch_reptile(model, task, lr, steps, batch, optimizer="sgd", support_only=False, carried=None):
+def _hand_minibatch_reptile(
+    model, task, lr, steps, batch, optimizer="sgd", support_only=False, carried=None, beta1=0.0
+):
     """Nichol et al.'s inner loop written out: class-interleaved order, consecutive blocks,
     cycling, one SGD step per block (or one step of torch.optim.Adam with β₁ = 0, started
     afresh, or with ``carried=(theta, adam)`` their one optimiser: θ reset to φ, Adam's state
-    kept); autograd on the module, no torch.func. Returns φ − θ."""
+    kept; ``beta1`` for other first-moment decays); autograd on the module, no torch.func.
+    Returns φ − θ."""
     x = task.x_support if support_only else torch.cat([task.x_support, task.x_query])
     y = task.y_support if support_only else torch.cat([task.y_support, task.y_query])
     by_class = {int(c): [i for i in range(len(y)) if int(y[i]) == c] for c in y.unique()}
@@ -79,7 +82,7 @@ def _hand_minibatch_reptile(model, task, lr, steps, batch, optimizer="sgd", supp
     names = [name for name, _ in model.named_parameters()]
     if carried is None:
         theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
-        adam = torch.optim.Adam(theta, lr=lr, betas=(0.0, 0.999), eps=1e-8, foreach=False)
+        adam = torch.optim.Adam(theta, lr=lr, betas=(beta1, 0.999), eps=1e-8, foreach=False)
     else:
         theta, adam = carried
         with torch.no_grad():
@@ -140,6 +143,23 @@ def test_adam_inner_steps_are_torch_adam_with_beta1_zero(steps, generator, conv_
         ).items()
     }
     assert relative_error(theta, adapted) < 1e-8
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_adam_inner_steps_with_a_first_moment_are_torch_adam(steps, generator, conv_setup):
+    """β₁ > 0 takes the general moment update (β₁ = 0 skips it): against torch.optim.Adam too."""
+    model, criterion = conv_setup
+    task = _class_major_task(generator)
+    loss, phi = gbml.make_loss(model, criterion), clone_params(model)
+    reptile = gbml.Reptile(
+        inner_lr=0.01, inner_steps=steps, inner_batch=6, inner_optimizer="adam", betas=(0.9, 0.999)
+    )
+    delta, _ = reptile.task_delta(loss, phi, task)
+    expected = _hand_minibatch_reptile(model, task, 0.01, steps, 6, optimizer="adam", beta1=0.9)
+    assert relative_error(delta, expected) < 1e-8
+    if steps > 1:  # from the second step on, the first moment is not the gradient
+        beta1_zero = _hand_minibatch_reptile(model, task, 0.01, steps, 6, optimizer="adam")
+        assert relative_error(delta, beta1_zero) > 1e-3
 
 
 def test_adam_inner_steps_vmap_equals_loop(generator, conv_setup):

