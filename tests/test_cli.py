@@ -416,6 +416,17 @@ def test_export_writes_final_parameters_and_a_run_summary(tmp_path, capsys):
     assert short["per_task"] == longer["per_task"][:20]
     again = training.evaluate(config, phi, problem, num_tasks=30, per_task=True)
     assert again["per_task"] == pytest.approx(summary["test"]["per_task"], rel=1e-6)
+    # Adapting a chunk a few tasks per vmap (7 does not divide 10) or one at a time scores the
+    # same tasks in the same order as the whole chunk at once
+    whole = training.evaluate(config, phi, problem, num_tasks=30, chunk=10, per_task=True, tasks_per_call=10)
+    for tasks_per_call in (7, 1):
+        split = training.evaluate(
+            config, phi, problem, num_tasks=30, chunk=10, per_task=True, tasks_per_call=tasks_per_call
+        )
+        assert split["per_task"] == pytest.approx(whole["per_task"], rel=1e-5)
+    assert len(set(whole["per_task"])) == 30  # distinct tasks: an order error would show
+    with pytest.raises(ValueError, match="tasks_per_call"):
+        training.evaluate(config, phi, problem, num_tasks=10, tasks_per_call=0)
     with pytest.raises(FileNotFoundError, match="train the run first"):
         training.export_run(tmp_path / "nothing")
 

@@ -264,6 +264,20 @@ def test_a_fine_tuning_sweep_scores_every_setting_as_its_own_run(whole_net):
             ]
         )
         assert sweep[setting]["per_task"] == expected.double().tolist() and sweep[setting]["tasks"] == 6
+    # Fine-tuned 3 tasks per vmap (chunks of 4 split as 3 + 1): the same tasks, in the same order
+    grouped = sweep_finetuning(
+        body32,
+        family,
+        shots=1,
+        queries=1,
+        grid=[(0.5, 3)],
+        whole_net=whole_net,
+        num_tasks=6,
+        chunk=4,
+        seed=7,
+        tasks_per_call=3,
+    )
+    assert grouped[0.5, 3]["per_task"] == sweep[0.5, 3]["per_task"]
     with pytest.raises(ValueError, match="grid is empty"):
         finetune_grid_accuracies(body, tasks, ways=5, grid=[], whole_net=whole_net)
     with pytest.raises(ValueError, match="lr"):

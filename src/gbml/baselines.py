@@ -32,7 +32,7 @@ from gbml.notebook import machine_description, source_revision
 from gbml.omniglot import OmniglotTasks
 from gbml.params import Params, detached
 from gbml.tasks import Task
-from gbml.training import mean_and_ci95, save_checkpoint
+from gbml.training import groups_of_tasks, mean_and_ci95, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -226,11 +226,12 @@ def sweep_finetuning(
     num_tasks: int = 600,
     seed: int = 12345,
     chunk: int = 50,
+    tasks_per_call: int | None = None,
 ) -> dict[Setting, dict[str, Any]]:
     """Mean query accuracy ± 95% CI of fine-tuning with every ``(lr, steps)`` of ``grid`` over
     the same ``num_tasks`` tasks of ``family``, drawn as :func:`gbml.training.evaluate` draws
-    them (same seed and chunk: the same tasks). The grid shares work as
-    :func:`finetune_grid_accuracies` says."""
+    them (same seed and chunk: the same tasks) and fine-tuned ``tasks_per_call`` at a time as it
+    does. The grid shares work as :func:`finetune_grid_accuracies` says."""
     check_positive_integer("num_tasks", num_tasks)
     grid = list(grid)  # read once per chunk: a generator would be empty after the first
     device = next(iter(body.values())).device
@@ -238,7 +239,10 @@ def sweep_finetuning(
     chunks = []
     for start in range(0, num_tasks, chunk):
         tasks = family.sample(min(chunk, num_tasks - start), shots, queries, generator, device=device)
-        chunks.append(finetune_grid_accuracies(body, tasks, ways=family.ways, grid=grid, whole_net=whole_net))
+        for group in groups_of_tasks(tasks, tasks_per_call):
+            chunks.append(
+                finetune_grid_accuracies(body, group, ways=family.ways, grid=grid, whole_net=whole_net)
+            )
     results = {}
     for setting in chunks[0]:
         values = torch.cat([c[setting] for c in chunks])
@@ -265,6 +269,7 @@ def evaluate_finetuning(
     num_tasks: int = 600,
     seed: int = 12345,
     chunk: int = 50,
+    tasks_per_call: int | None = None,
 ) -> dict[str, Any]:
     """Mean query accuracy ± 95% CI of fine-tuning over ``num_tasks`` tasks of ``family``, drawn
     as :func:`gbml.training.evaluate` draws them (same seed and chunk: the same tasks):
@@ -279,5 +284,6 @@ def evaluate_finetuning(
         num_tasks=num_tasks,
         seed=seed,
         chunk=chunk,
+        tasks_per_call=tasks_per_call,
     )
     return results[lr, steps]
