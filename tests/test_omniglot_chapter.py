@@ -51,6 +51,14 @@ def test_chapter_8_retrains_a_run_at_smoke_size(tmp_path, monkeypatch):
     shared = json.loads((tmp_path / "runs-smoke" / "reptile-5w5s" / "run.json").read_text())
     assert shared["trained_by"] == "reptile-5w1s" and shared["config"]["shots"] == 5
     assert not (tmp_path / "runs-smoke" / "reptile-5w5s" / "last.pt").exists()  # not trained again
+    # retraining chooses the pretrained baseline's fine-tuning again, for every setting it meta-tests
+    choices = json.loads((tmp_path / "runs-smoke" / "pretrained_finetuning.json").read_text())
+    assert sorted((c["ways"], c["shots"], c["whole_net"]) for c in choices["choices"]) == [
+        (5, 1, False),
+        (5, 1, True),
+        (5, 5, False),
+        (5, 5, True),
+    ]
     text = "\n".join(
         "".join(o.get("text", ""))
         for cell in nbformat.read(out, as_version=4).cells
@@ -282,3 +290,68 @@ def test_a_fine_tuning_sweep_scores_every_setting_as_its_own_run(whole_net):
         finetune_grid_accuracies(body, tasks, ways=5, grid=[], whole_net=whole_net)
     with pytest.raises(ValueError, match="lr"):
         finetune_grid_accuracies(body, tasks, ways=5, grid=[(-1.0, 2)], whole_net=whole_net)
+
+
+def test_choosing_fine_tuning_takes_each_settings_best_validation_accuracy():
+    """choose_finetuning keeps, per setting and kind, the grid point sweep_finetuning scores best
+    on the validation tasks (on the miniature shipped with gbml, from a random body)."""
+    from gbml.baselines import choose_finetuning, finetuning_choice, sweep_finetuning
+    from gbml.omniglot import OmniglotTasks
+
+    torch.manual_seed(0)
+    net = gbml.finn_omniglot_net(5)
+    body = {name: p.detach() for name, p in net.named_parameters() if not name.startswith("head.")}
+    data = gbml.load_omniglot_miniature()
+    grids = {False: [(0.5, 1), (0.5, 5), (0.01, 2)], True: [(0.3, 1), (0.1, 2)]}
+    record = choose_finetuning(body, data, [(5, 1), (5, 2)], grids=grids, num_tasks=6, seed=3)
+    assert record["validation_tasks"] == 6 and record["seed"] == 3 and len(record["choices"]) == 4
+    family = OmniglotTasks("val", 5, data=data)
+    for choice in record["choices"]:
+        ways, shots, whole_net = choice["ways"], choice["shots"], choice["whole_net"]
+        sweep = sweep_finetuning(
+            body,
+            family,
+            shots=shots,
+            queries=shots,
+            grid=grids[whole_net],
+            whole_net=whole_net,
+            num_tasks=6,
+            seed=3,
+        )
+        assert [(v["lr"], v["steps"]) for v in choice["validation"]] == list(sweep)
+        assert [v["mean"] for v in choice["validation"]] == [r["mean"] for r in sweep.values()]
+        best = max(r["mean"] for r in sweep.values())
+        assert sweep[finetuning_choice(record, ways, shots, whole_net)]["mean"] == best
+    assert finetuning_choice(record, 20, 1, False) is None
+
+
+def test_the_committed_fine_tuning_choices_are_the_best_on_their_validation_tasks():
+    """results/omniglot/pretrained_finetuning.json, which chapter 8 reuses: every choice is the best
+    of its recorded grid, and the cheap head-only 5-way 1-shot sweep scores again as recorded
+    (two flipped query predictions allowed, for other processors)."""
+    needs_omniglot()
+    from gbml.baselines import FINETUNING_GRIDS, load_pretrained, sweep_finetuning
+    from gbml.omniglot import OmniglotTasks
+
+    record = json.loads((ROOT / "results" / "omniglot" / "pretrained_finetuning.json").read_text())
+    settings = {(c["ways"], c["shots"]) for c in record["choices"]}
+    assert settings == {(OMNIGLOT_RUNS[p.name].ways, OMNIGLOT_RUNS[p.name].shots) for p in COMMITTED}
+    for choice in record["choices"]:
+        points = {(v["lr"], v["steps"]): v["mean"] for v in choice["validation"]}
+        assert list(points) == FINETUNING_GRIDS[choice["whole_net"]]
+        assert points[choice["lr"], choice["steps"]] == max(points.values())
+    body, _ = load_pretrained(ROOT / "results" / "omniglot" / "pretrained.pt")
+    (head_5w1s,) = [c for c in record["choices"] if (c["ways"], c["shots"], c["whole_net"]) == (5, 1, False)]
+    again = sweep_finetuning(
+        body,
+        OmniglotTasks("val", 5, data=gbml.load_omniglot()),
+        shots=1,
+        queries=1,
+        grid=FINETUNING_GRIDS[False],
+        whole_net=False,
+        num_tasks=record["validation_tasks"],
+        seed=record["seed"],
+    )
+    one_flip = 1 / (5 * record["validation_tasks"])  # one query image of one task, in the mean
+    for v in head_5w1s["validation"]:
+        assert abs(again[v["lr"], v["steps"]]["mean"] - v["mean"]) <= 2 * one_flip + 1e-12

@@ -287,3 +287,76 @@ def evaluate_finetuning(
         tasks_per_call=tasks_per_call,
     )
     return results[lr, steps]
+
+
+#: The (step size, steps) grids chapter 8 searches. Head-only fine-tuning is a logistic regression
+#: on fixed features (cheap); the whole net costs a forward and backward pass per step, so its grid
+#: is smaller.
+FINETUNING_GRIDS: dict[bool, list[Setting]] = {
+    False: [(lr, steps) for lr in (0.01, 0.03, 0.1, 0.5) for steps in (3, 10, 50)],
+    True: [(lr, steps) for lr in (0.03, 0.1, 0.5) for steps in (3, 10)],
+}
+
+
+def choose_finetuning(
+    body: Params,
+    data: Any,
+    settings: Iterable[tuple[int, int]],
+    *,
+    grids: dict[bool, list[Setting]] = FINETUNING_GRIDS,
+    num_tasks: int = 100,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """For each ``(ways, shots)`` of ``settings`` and each of head-only and whole-net fine-tuning,
+    the ``(lr, steps)`` of ``grids[whole_net]`` with the best mean query accuracy on ``num_tasks``
+    validation tasks of ``data`` (K query images per class; :func:`sweep_finetuning` with ``seed``).
+
+    Returns a JSON-ready record: ``"choices"``, one entry per setting and kind with the chosen
+    ``lr`` and ``steps`` and every grid point's ``"validation"`` mean and CI, and what made it
+    (tasks, seed, code commit, machine), so that a chapter can reuse a committed choice and say
+    how it was made."""
+    choices = []
+    for ways, shots in settings:
+        family = OmniglotTasks("val", ways, data=data)
+        for whole_net in (False, True):
+            sweep = sweep_finetuning(
+                body,
+                family,
+                shots=shots,
+                queries=shots,
+                grid=grids[whole_net],
+                whole_net=whole_net,
+                num_tasks=num_tasks,
+                seed=seed,
+            )
+            lr, steps = max(sweep, key=lambda setting: sweep[setting]["mean"])
+            choices.append(
+                {
+                    "ways": ways,
+                    "shots": shots,
+                    "whole_net": whole_net,
+                    "lr": lr,
+                    "steps": steps,
+                    "validation": [
+                        {"lr": lr_, "steps": steps_, "mean": r["mean"], "ci95": r["ci95"]}
+                        for (lr_, steps_), r in sweep.items()
+                    ],
+                }
+            )
+    device = next(iter(body.values())).device
+    return {
+        "validation_tasks": num_tasks,
+        "seed": seed,
+        "code": source_revision(),
+        "machine": machine_description(device),
+        "choices": choices,
+    }
+
+
+def finetuning_choice(record: dict[str, Any], ways: int, shots: int, whole_net: bool) -> Setting | None:
+    """The ``(lr, steps)`` that :func:`choose_finetuning`'s ``record`` chose for a setting, or None
+    if it has none."""
+    for choice in record["choices"]:
+        if (choice["ways"], choice["shots"], choice["whole_net"]) == (ways, shots, whole_net):
+            return choice["lr"], choice["steps"]
+    return None
