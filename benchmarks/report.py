@@ -246,6 +246,26 @@ def memory_table(results: dict, metric: str) -> str:
     return markdown_table(["algorithm", *(f"L={s}" for s in steps)], rows)
 
 
+def meta_test_table(results: dict) -> str:
+    """One row per committed run and tasks per call: median time of one chunk of test tasks, its
+    ratio to the whole chunk at once, the kernel's share, and whether the scores agree."""
+    rows = []
+    for run, r in results["runs"].items():
+        for k, p in r["paths"].items():
+            rows.append(
+                [
+                    run,
+                    k,
+                    f"{p['median_s']:.2f}",
+                    f"{p['ratio_to_whole_chunk']:.2f}",
+                    f"{p['system_s']:.2f}",
+                    "yes" if p["same_scores"] else "**no**",
+                ]
+            )
+    header = ["run", "tasks per call", "s per chunk", "÷ whole chunk", "s in the kernel", "same scores"]
+    return markdown_table(header, rows)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     parts = []
@@ -307,6 +327,15 @@ def main() -> None:
             "Growth of the peak resident set size (MiB):\n\n"
             + memory_table(cpu_memory, "peak_rss_growth_mib")
         )
+    meta_test = load("meta_test_speed_cpu.json")
+    if meta_test:
+        parts.append(
+            f"\n### Meta-testing on the CPU, {meta_test['tasks']} test tasks of each committed run: "
+            f"{machine_line(meta_test['machine'])}\n"
+        )
+        if meta_test.get("note"):
+            parts.append(meta_test["note"] + "\n")
+        parts.append(meta_test_table(meta_test))
     (OUT / "performance_tables.md").write_text("\n".join(parts))
     memory_plot(gpu_memory, cpu_memory, OUT / "memory_vs_steps.png")
     print(f"wrote {OUT / 'performance_tables.md'} and {OUT / 'memory_vs_steps.png'}")
