@@ -92,6 +92,29 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert [s["batched"] for s in history["sessions"]] == ["auto", "auto", "false"]
 
 
+def test_a_time_limit_ends_the_session_at_the_last_checkpoint_that_fits(tmp_path, monkeypatch, capsys):
+    # A clock that advances one second per meta-step: each 10-iteration period takes 10 s.
+    clock, real_meta_step = {"now": 0.0}, training.meta_step
+
+    def one_second_meta_step(*args, **kwargs):
+        clock["now"] += 1.0
+        return real_meta_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "meta_step", one_second_meta_step)
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock["now"])
+    out = str(tmp_path / "run")
+    # After 20 s a third period would end at 30 s, past the limit of 25 s: stop at iteration 20.
+    assert main(["train", *TINY, "--out", out, "--no-progress", "--test-tasks", "0", "--time-limit", "25"]) == 0
+    assert "stopped at meta-iteration 20" in capsys.readouterr().err
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["iteration"] == 20 and len(state["history"]["train"]) == 20
+    assert main(["train", "--resume", out, "--no-progress", "--test-tasks", "0", "--time-limit", "25"]) == 0
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [(s["from_iteration"], s["to_iteration"]) for s in history["sessions"]] == [(0, 20), (20, 30)]
+    assert main(["train", *TINY, "--out", str(tmp_path / "other"), "--time-limit", "0"]) == 2
+    assert "time_limit_s must be positive" in capsys.readouterr().err
+
+
 def test_a_checkpoint_older_than_an_option_resumes_only_at_that_options_default(tmp_path, monkeypatch):
     """A checkpoint written before an option existed was trained with the option's default; resuming
     it with another value would silently change the run mid-way, so it must be refused."""

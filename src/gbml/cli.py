@@ -7,6 +7,7 @@ Examples::
         --inner-steps 1 --inner-lr 2.0 --eval-inner-steps 3 --meta-batch 32 --iterations 60000 \\
         --out runs/omni-5w1s     # Finn et al.'s protocol (their α = 0.4 on Σ CE/K is 2.0 here)
     python -m gbml train --resume runs/omni-5w1s   # continue it, options read from its last.pt
+    python -m gbml train --resume runs/omni-5w1s --time-limit 600   # ... for ten minutes at most
     python -m gbml train --resume runs/omni-5w1s --iterations 80000   # ... and make it longer
                                   # (refused if --outer-lr-final anneals the step over its length)
     python -m gbml export runs/omni-5w1s     # final.pt and run.json, for sharing
@@ -145,6 +146,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--test-tasks", type=int, default=600, help="meta-test tasks evaluated at the end (0: none)"
     )
+    run.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="end this session at the last checkpoint that fits in SECONDS (at its pace so far); "
+        "continue later with --resume",
+    )
     export = commands.add_parser(
         "export", help="write final.pt (meta-parameters only) and run.json (curve, provenance) of a run"
     )
@@ -213,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 resume=bool(args.resume),
                 progress=not args.no_progress,
                 log=sys.stderr if args.no_progress else None,  # one line per validation instead
+                time_limit_s=args.time_limit,
             )
             summary = {"out": out, "final_validation": history["val"][-1] if history["val"] else None}
             if args.test_tasks:

@@ -544,6 +544,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: TextIO | None = None,
+    time_limit_s: float | None = None,
 ) -> dict:
     """Meta-train, validating every ``validate_every`` iterations; returns the history. Runs in
     :func:`gbml.notebook.exact_float32` (no TF32 on a GPU), and each session's record says so.
@@ -554,8 +555,17 @@ def train(
     restored, so the resumed run ends exactly where an uninterrupted one would. ``log`` (a text
     stream, e.g. ``sys.stderr``) receives one line per validation: what a run in the background,
     without its progress bar, has to show.
+
+    ``time_limit_s`` ends this session early, at the last validation (and checkpoint) that the
+    time allows: training stops once the next validation period, at this session's pace so far,
+    would end after ``time_limit_s`` seconds. The run then continues with ``resume=True``, as
+    after any interruption. It is for leased machines (a GPU lent for ten minutes), where a
+    killed process would lose the work since its last checkpoint.
     """
     from tqdm.auto import tqdm
+
+    if time_limit_s is not None and not time_limit_s > 0:
+        raise ValueError(f"time_limit_s must be positive seconds, got {time_limit_s}")
 
     out_dir = Path(out_dir)
     device = resolve_device(config.device)
@@ -674,6 +684,19 @@ def train(
                 checkpoint(iteration + 1, "best.pt")
             # Written at every validation too, so an interrupted run keeps its curve in plain text.
             (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+            if time_limit_s is not None and iteration + 1 < config.iterations:
+                session_s = time.perf_counter() - clock
+                periods = len([v for v in history["val"] if v["iteration"] > start])
+                if session_s + session_s / periods > time_limit_s:
+                    if log is not None:
+                        print(
+                            f"{out_dir}: stopped at meta-iteration {iteration + 1:,}: another "
+                            f"{config.validate_every:,} would pass the time limit of {time_limit_s:g} s; "
+                            "continue with --resume",
+                            file=log,
+                            flush=True,
+                        )
+                    break
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     return history
 
