@@ -104,11 +104,12 @@ def test_a_time_limit_ends_the_session_at_the_last_checkpoint_that_fits(tmp_path
     monkeypatch.setattr(training.time, "perf_counter", lambda: clock["now"])
     out = str(tmp_path / "run")
     # After 20 s a third period would end at 30 s, past the limit of 25 s: stop at iteration 20.
-    assert main(["train", *TINY, "--out", out, "--no-progress", "--test-tasks", "0", "--time-limit", "25"]) == 0
+    quiet = ["--no-progress", "--test-tasks", "0", "--time-limit", "25"]
+    assert main(["train", *TINY, "--out", out, *quiet]) == 0
     assert "stopped at meta-iteration 20" in capsys.readouterr().err
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert state["iteration"] == 20 and len(state["history"]["train"]) == 20
-    assert main(["train", "--resume", out, "--no-progress", "--test-tasks", "0", "--time-limit", "25"]) == 0
+    assert main(["train", "--resume", out, *quiet]) == 0
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [(s["from_iteration"], s["to_iteration"]) for s in history["sessions"]] == [(0, 20), (20, 30)]
     assert main(["train", *TINY, "--out", str(tmp_path / "other"), "--time-limit", "0"]) == 2
