@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Chapter 8's Omniglot runs on a lent GPU, in one device call of about ten minutes.
+#
+#   bash tools/gpu_omniglot.sh SECONDS       # on the device, from the repository's root
+#
+# Four trainings share the GPU, each a process of its own (their small kernels leave the GPU idle
+# most of the time, so they overlap), and each stops at its last checkpoint within SECONDS
+# (`train --time-limit`; a resumed run continues later with `--resume`):
+#   * maml-5w1s on Finn et al.'s protocol exactly (batch norm's shift not a fast weight), new,
+#     towards the paper's 60,000 meta-iterations, in results/omniglot/gpu/maml-5w1s;
+#   * maml-20w1s, fomaml-20w1s and imaml-5w1s continued from their committed checkpoints.
+# Training runs with TF32 off (`gbml.training.train` computes in exact float32 and each session's
+# record says "tf32": false). Nothing is evaluated on the test split here: `python -m gbml export`
+# meta-tests each run afterwards on the CPU, where chapter 8 re-evaluates it.
+#
+# Environment: DEVICE (default cuda), GBML_DATA_DIR (default .gpu/data, holding omniglot/),
+# GBML_SOURCE_REVISION (the commit, which the copied tree cannot tell), OUT (where the logs and
+# runs.tar go; the device tool brings back what is written there).
+set -u
+limit=${1:?usage: tools/gpu_omniglot.sh SECONDS}
+device=${DEVICE:-cuda}
+out=${OUT:-/tmp/gpu-omniglot}
+runs=results/omniglot
+mkdir -p "$out" "$runs/gpu"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export GBML_DATA_DIR=${GBML_DATA_DIR:-$PWD/.gpu/data}
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  python3 -c 'import torch, gbml.notebook as n; print("torch", torch.__version__, "|", n.machine_description(n.resolve_device("'"$device"'")), "| TF32 by default:", n.tf32_enabled())'
+  # Decode the zips once, before four processes want the same cache file.
+  python3 -c 'import time; t = time.time(); from gbml.omniglot import load_omniglot; print(load_omniglot(), f"loaded in {time.time() - t:.0f} s")'
+} 2>&1 | tee "$out/environment.log"
+
+train() {  # train LOG OPTIONS...: in the background, stopping within the limit (timeout: a last resort)
+  local log=$1
+  shift
+  timeout $((limit + 60)) python3 -m gbml train "$@" --device "$device" --batched compile --no-progress \
+    --test-tasks 0 --time-limit "$limit" >"$out/$log.log" 2>&1 &
+}
+if [ -e "$runs/gpu/maml-5w1s/last.pt" ]; then
+  train maml-5w1s-gpu --resume "$runs/gpu/maml-5w1s"
+else
+  train maml-5w1s-gpu --algorithm maml --dataset omniglot --network stride --ways 5 --shots 1 --queries 1 \
+    --inner-steps 1 --inner-lr 2.0 --eval-inner-steps 3 --outer-lr 0.001 --meta-batch 32 --iterations 60000 \
+    --seed 0 --validate-every 250 --validation-tasks 200 --fast-weights no_batch_norm --out "$runs/gpu/maml-5w1s"
+fi
+for run in maml-20w1s fomaml-20w1s imaml-5w1s; do
+  train "$run" --resume "$runs/$run"
+done
+wait
+tail -n 3 "$out"/*.log
+# One file for the four runs' checkpoints and curves (the tool brings back at most eight).
+tar cf "$out/runs.tar" "$runs"/gpu/maml-5w1s/{last,best}.pt "$runs"/gpu/maml-5w1s/history.json \
+  "$runs"/{maml-20w1s,fomaml-20w1s,imaml-5w1s}/last.pt
+ls -l "$out"
