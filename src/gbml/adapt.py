@@ -61,7 +61,8 @@ def task_adapt(
     if validate:
         check_learning_rate("inner learning rate", lr)
         check_steps("number of inner steps", steps)
-    unknown = set(frozen) - phi.keys()
+    # (A comprehension, not set(frozen) - phi.keys(): TorchDynamo in torch 2.11 cannot trace that.)
+    unknown = [name for name in frozen if name not in phi]
     if unknown:
         raise ValueError(f"frozen names parameters that phi does not have: {sorted(unknown)}")
     gradient = grad(loss)

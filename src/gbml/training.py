@@ -580,7 +580,9 @@ def train(
     start = 0
     last = out_dir / "last.pt"
     if resume and last.exists():
-        state = torch.load(last, map_location=device, weights_only=True)
+        # On the CPU: the task generator's state must stay there (the model's and the optimizer's
+        # tensors move to the run's device as they are loaded).
+        state = torch.load(last, map_location="cpu", weights_only=True)
         # Only how long and how it runs may change (a finished run may be extended, or moved to
         # another device or code path); everything that defines the problem must match.
         requested = asdict(config)
