@@ -3,11 +3,13 @@
 #
 #   bash tools/gpu_omniglot.sh SECONDS       # on the device, from the repository's root
 #
-# Four trainings share the GPU, each a process of its own (their small kernels leave the GPU idle
+# Five trainings share the GPU, each a process of its own (their small kernels leave the GPU idle
 # most of the time, so they overlap), and each stops at its last checkpoint within SECONDS
-# (`train --time-limit`; a resumed run continues later with `--resume`):
+# (`train --time-limit`; a run continues from its last.pt at the next call):
 #   * maml-5w1s on Finn et al.'s protocol exactly (batch norm's shift not a fast weight), new,
 #     towards the paper's 60,000 meta-iterations, in results/omniglot/gpu/maml-5w1s;
+#   * imaml-5w5s on Rajeswaran et al.'s protocol (about 30 s per meta-iteration on the 2-core CPU:
+#     GPU only), new, in results/omniglot/imaml-5w5s;
 #   * maml-20w1s, fomaml-20w1s and imaml-5w1s continued from their committed checkpoints.
 # Training runs with TF32 off (`gbml.training.train` computes in exact float32 and each session's
 # record says "tf32": false). Nothing is evaluated on the test split here: `python -m gbml export`
@@ -29,7 +31,7 @@ export GBML_DATA_DIR=${GBML_DATA_DIR:-$PWD/.gpu/data}
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   python3 -c 'import torch, gbml.notebook as n; print("torch", torch.__version__, "|", n.machine_description(n.resolve_device("'"$device"'")), "| TF32 by default:", n.tf32_enabled())'
-  # Decode the zips once, before four processes want the same cache file.
+  # Decode the zips once, before five processes want the same cache file.
   python3 -c 'import time; t = time.time(); from gbml.omniglot import load_omniglot; print(load_omniglot(), f"loaded in {time.time() - t:.0f} s")'
 } 2>&1 | tee "$out/environment.log"
 
@@ -46,12 +48,20 @@ else
     --inner-steps 1 --inner-lr 2.0 --eval-inner-steps 3 --outer-lr 0.001 --meta-batch 32 --iterations 60000 \
     --seed 0 --validate-every 250 --validation-tasks 200 --fast-weights no_batch_norm --out "$runs/gpu/maml-5w1s"
 fi
+if [ -e "$runs/imaml-5w5s/last.pt" ]; then
+  train imaml-5w5s --resume "$runs/imaml-5w5s"
+else  # gbml.protocols.rajeswaran_protocol(5, 5)
+  train imaml-5w5s --algorithm imaml --dataset omniglot --network stride --ways 5 --shots 5 --queries 5 \
+    --inner-steps 16 --eval-inner-steps 16 --inner-lr 0.1 --lam 2.0 --damping 11.0 --cg-steps 5 \
+    --outer-lr 0.001 --meta-batch 32 --iterations 60000 --seed 0 --validate-every 250 --validation-tasks 200 \
+    --out "$runs/imaml-5w5s"
+fi
 for run in maml-20w1s fomaml-20w1s imaml-5w1s; do
   train "$run" --resume "$runs/$run"
 done
 wait
 tail -n 3 "$out"/*.log
-# One file for the four runs' checkpoints and curves (the tool brings back at most eight).
-tar cf "$out/runs.tar" "$runs"/gpu/maml-5w1s/{last,best}.pt "$runs"/gpu/maml-5w1s/history.json \
-  "$runs"/{maml-20w1s,fomaml-20w1s,imaml-5w1s}/last.pt
+# One file for the runs' checkpoints (the tool brings back at most eight); each last.pt holds its
+# run's history, and `python -m gbml export` writes final.pt and run.json from it.
+tar cf "$out/runs.tar" "$runs"/gpu/maml-5w1s/last.pt "$runs"/{imaml-5w5s,maml-20w1s,fomaml-20w1s,imaml-5w1s}/last.pt
 ls -l "$out"
