@@ -15,6 +15,12 @@
 # record says "tf32": false). Nothing is evaluated on the test split here: `python -m gbml export`
 # meta-tests each run afterwards on the CPU, where chapter 8 re-evaluates it.
 #
+# Before the call, here: `echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/data; cp -r
+# ../shared/data/omniglot .gpu/data/`; then the device tool's run with carry [".gpu"] and the
+# command `GBML_SOURCE_REVISION=$(git rev-parse --short=12 HEAD) bash tools/gpu_omniglot.sh 500`.
+# After it: `tar xf runs.tar`, `python -m gbml export DIR --test-tasks 600` for each run on the CPU
+# (chapter 8 re-evaluates there), and re-execute chapter 8.
+#
 # Environment: DEVICE (default cuda), GBML_DATA_DIR (default .gpu/data, holding omniglot/),
 # GBML_SOURCE_REVISION (the commit, which the copied tree cannot tell), OUT (where the logs and
 # runs.tar go; the device tool brings back what is written there).
