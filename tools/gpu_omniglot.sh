@@ -17,7 +17,8 @@
 #
 # Before the call, here: `echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/data; cp -r
 # ../shared/data/omniglot .gpu/data/`; then the device tool's run with carry [".gpu"] and the
-# command `GBML_SOURCE_REVISION=$(git rev-parse --short=12 HEAD) bash tools/gpu_omniglot.sh 500`.
+# command `GBML_SOURCE_REVISION=COMMIT bash tools/gpu_omniglot.sh 500`, COMMIT being what
+# `git rev-parse --short=12 HEAD` prints here (the copy there has no git history).
 # After it: `tar xf runs.tar`, `python -m gbml export DIR --test-tasks 600` for each run on the CPU
 # (chapter 8 re-evaluates there), and re-execute chapter 8.
 #
