@@ -688,8 +688,8 @@ def train(
             (out_dir / "history.json").write_text(json.dumps(history, indent=1))
             if time_limit_s is not None and iteration + 1 < config.iterations:
                 session_s = time.perf_counter() - clock
-                periods = len([v for v in history["val"] if v["iteration"] > start])
-                if session_s + session_s / periods > time_limit_s:
+                next_period_s = session_s / (iteration + 1 - start) * config.validate_every
+                if session_s + next_period_s > time_limit_s:
                     if log is not None:
                         print(
                             f"{out_dir}: stopped at meta-iteration {iteration + 1:,}: another "
