@@ -48,21 +48,20 @@ train() {  # train LOG OPTIONS...: in the background, stopping within the limit 
   timeout $((limit + 60)) python3 -m gbml train "$@" --device "$device" --batched compile --no-progress \
     --test-tasks 0 --time-limit "$limit" >"$out/$log.log" 2>&1 &
 }
-if [ -e "$runs/gpu/maml-5w1s/last.pt" ]; then
-  train maml-5w1s-gpu --resume "$runs/gpu/maml-5w1s"
-else
-  train maml-5w1s-gpu --algorithm maml --dataset omniglot --network stride --ways 5 --shots 1 --queries 1 \
-    --inner-steps 1 --inner-lr 2.0 --eval-inner-steps 3 --outer-lr 0.001 --meta-batch 32 --iterations 60000 \
-    --seed 0 --validate-every 250 --validation-tasks 200 --fast-weights no_batch_norm --out "$runs/gpu/maml-5w1s"
-fi
-if [ -e "$runs/imaml-5w5s/last.pt" ]; then
-  train imaml-5w5s --resume "$runs/imaml-5w5s"
-else  # gbml.protocols.rajeswaran_protocol(5, 5)
-  train imaml-5w5s --algorithm imaml --dataset omniglot --network stride --ways 5 --shots 5 --queries 5 \
-    --inner-steps 16 --eval-inner-steps 16 --inner-lr 0.1 --lam 2.0 --damping 11.0 --cg-steps 5 \
-    --outer-lr 0.001 --meta-batch 32 --iterations 60000 --seed 0 --validate-every 250 --validation-tasks 200 \
-    --out "$runs/imaml-5w5s"
-fi
+protocol() {  # protocol OUT CONFIG: train's options for the gbml.protocols expression CONFIG, into OUT
+  python3 -c "from gbml.protocols import *; from gbml.training import train_command
+print(train_command($2, '$1').removeprefix('python -m gbml train '))"
+}
+start_or_resume() {  # start_or_resume LOG OUT CONFIG: continue OUT's run, or start CONFIG's there
+  if [ -e "$2/last.pt" ]; then
+    train "$1" --resume "$2"
+  else
+    # (--device and --batched, given again by train, override the protocol's)
+    train "$1" $(protocol "$2" "$3")
+  fi
+}
+start_or_resume maml-5w1s-gpu "$runs/gpu/maml-5w1s" "finn_protocol('maml', 5, 1, 'no_batch_norm')"
+start_or_resume imaml-5w5s "$runs/imaml-5w5s" "OMNIGLOT_RUNS['imaml-5w5s']"
 for run in maml-20w1s fomaml-20w1s imaml-5w1s; do
   train "$run" --resume "$runs/$run"
 done
