@@ -29,6 +29,16 @@ ALGORITHMS = {
     "imaml": gbml.IMAML(
         inner_lr=0.01, lam=200.0, inner_steps=2, cg_steps=3, cg_tol=1e-8, on_cg_failure="warn"
     ),
+    # Rajeswaran et al.'s inner loop (plain steps, then one pull back towards φ), as the iMAML runs train.
+    "imaml-pull-back": gbml.IMAML(
+        inner_lr=0.01,
+        lam=20.0,  # the pull back moves θ 0.01 · 20 = 0.2 of the way to φ, as in the protocol
+        inner_steps=2,
+        cg_steps=3,
+        cg_tol=1e-8,
+        on_cg_failure="warn",
+        inner_loop="pull_back",
+    ),
     # Batch norm's parameters left at φ by the inner loop (fast_weights="no_batch_norm"), as the
     # 20-way runs train: torch 2.11 failed to trace this case (set - dict_keys in task_adapt).
     "maml-frozen-batch-norm": gbml.MAML(

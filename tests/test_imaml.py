@@ -76,6 +76,90 @@ def test_imaml_error_shrinks_with_cg_steps(generator):
     assert errors[-1] < 1e-8, errors  # ... and d = 12 steps solve a 12-dimensional system
 
 
+def test_pulled_back_inner_loop_and_its_meta_gradient_match_the_closed_form(generator):
+    """Rajeswaran et al.'s inner loop on ridge regression. L gradient steps on mean((Xw − y)²),
+    whose gradient is Hw − b, leave w_L = w* + (I − αH)^L (φ − w*) with Hw* = b; the pull-back
+    step gives θ = w_L − αλ(w_L − φ); and iMAML's meta-gradient at that θ is
+    (I + H/λ)⁻¹ ∇ℓ_val(θ) = λ (H + λI)⁻¹ (H_val θ − b_val)."""
+    model, task = ridge_setup(generator)
+    phi = clone_params(model)
+    loss = gbml.make_loss(model)
+    lam, lr, steps = 2.0, 0.05, 7
+    h, b = linear_regression_quantities(*task.support)
+    h_val, b_val = linear_regression_quantities(*task.query)
+    eye = torch.eye(len(h), dtype=h.dtype)
+    w_star = torch.linalg.solve(h, b)
+    w_steps = w_star + torch.linalg.matrix_power(eye - lr * h, steps) @ (phi["weight"].T - w_star)
+    theta_expected = w_steps - lr * lam * (w_steps - phi["weight"].T)
+
+    theta = gbml.pulled_back_task_adapt(loss, phi, *task.support, lam=lam, lr=lr, steps=steps)
+    assert relative_error(theta["weight"], theta_expected.T) < 1e-12
+    assert not theta["weight"].requires_grad
+
+    algorithm = gbml.IMAML(lr, lam, inner_steps=steps, cg_steps=10, cg_tol=1e-12, inner_loop="pull_back")
+    assert relative_error(algorithm.adapt(loss, phi, *task.support)["weight"], theta_expected.T) < 1e-12
+    delta, _ = algorithm.task_delta(loss, phi, task)
+    expected = lam * torch.linalg.solve(h + lam * eye, h_val @ theta_expected - b_val)
+    assert relative_error(delta["weight"], expected.T) < 1e-10
+    # ... and the proximal inner loop (the default) reaches another θ with the same steps.
+    proximal = gbml.IMAML(lr, lam, inner_steps=steps, cg_steps=10, cg_tol=1e-12)
+    assert relative_error(proximal.adapt(loss, phi, *task.support)["weight"], theta_expected.T) > 1e-3
+
+
+def test_rajeswaran_protocol_takes_their_outer_steps(generator):
+    """gbml.protocols.rajeswaran_protocol claims its outer steps are those of Rajeswaran et al.'s
+    code: they solve (2I + H/(λ + 10)) x = g and step Adam with ε = 10⁻³; gbml solves
+    ((1 + δ)I + H/λ) x = g with δ = 11 and steps Adam with ε = 10⁻³/6. On ridge regression
+    (H constant) their steps are written out with closed forms, ours run through gbml and the
+    registered options; three Adam steps must agree."""
+    from gbml.protocols import rajeswaran_protocol
+
+    config = rajeswaran_protocol(5, 1)
+    model, task = ridge_setup(generator)
+    loss = gbml.make_loss(model)
+    lam, lr, steps = config.lam, 0.05, 4  # the protocol's inner step 0.1 is too long for this H
+    h, b = linear_regression_quantities(*task.support)
+    h_val, b_val = linear_regression_quantities(*task.query)
+    eye = torch.eye(len(h), dtype=h.dtype)
+    w_star = torch.linalg.solve(h, b)
+
+    def their_meta_gradient(phi):  # their inner loop, then their damped system, solved exactly
+        w = w_star + torch.linalg.matrix_power(eye - lr * h, steps) @ (phi.T - w_star)
+        theta = w - lr * lam * (w - phi.T)
+        return torch.linalg.solve(2 * eye + h / (lam + 10), h_val @ theta - b_val).T
+
+    def outer_steps(meta_gradient, eps):
+        phi = clone_params(model)["weight"].requires_grad_()
+        adam = torch.optim.Adam([phi], lr=config.outer_lr, eps=eps)
+        for _ in range(3):
+            phi.grad = meta_gradient(phi.detach())
+            adam.step()
+        return phi.detach()
+
+    theirs = outer_steps(their_meta_gradient, eps=1e-3)
+    algorithm = gbml.IMAML(
+        lr,
+        lam,
+        inner_steps=steps,
+        cg_steps=20,
+        cg_tol=1e-13,
+        damping=config.damping,
+        inner_loop=config.inner_loop,
+    )
+
+    def our_meta_gradient(phi):
+        return algorithm.task_delta(loss, {"weight": phi}, task)[0]["weight"]
+
+    assert relative_error(outer_steps(our_meta_gradient, eps=config.outer_eps), theirs) < 1e-10
+    # ε matters at this scale: with PyTorch's default, the same solves take other steps.
+    assert relative_error(outer_steps(our_meta_gradient, eps=1e-8), theirs) > 1e-6
+
+
+def test_imaml_refuses_an_unknown_inner_loop():
+    with pytest.raises(ValueError, match="inner_loop must be 'proximal' or 'pull_back'"):
+        gbml.IMAML(0.1, 2.0, inner_loop="pullback")
+
+
 def random_spd(generator, n, condition):
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
     eigenvalues = torch.logspace(0, torch.log10(torch.tensor(float(condition))), n, dtype=torch.float64)

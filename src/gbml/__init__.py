@@ -5,12 +5,20 @@ algorithm computes each task's meta-update Δ_t, and :func:`meta_step` averages 
 of tasks (with ``vmap`` or a loop) and hands the mean to any torch optimizer.
 """
 
-from gbml.adapt import LossFn, proximal_task_adapt, task_adapt
+from gbml.adapt import LossFn, proximal_task_adapt, pulled_back_task_adapt, task_adapt
 from gbml.algorithms import FOMAML, IMAML, MAML, InnerAdamState, MetaAlgorithm, Reptile
 from gbml.cg import CGResult, conjugate_gradient, hessian_vector_product
 from gbml.errors import ConvergenceError, CorruptDataError, DivergenceError, MissingDataError
 from gbml.meta import MetaStepResult, carried_meta_gradient, choose_batched, meta_gradient, meta_step
-from gbml.models import CompositeBatchNorm2d, ConvNet, SinusoidMLP, UnfoldConv2d, finn_omniglot_net, make_loss
+from gbml.models import (
+    CompositeBatchNorm2d,
+    ConvNet,
+    SinusoidMLP,
+    UnfoldConv2d,
+    finn_omniglot_net,
+    make_loss,
+    rajeswaran_omniglot_net,
+)
 from gbml.omniglot import OmniglotTasks, load_omniglot, load_omniglot_miniature
 from gbml.params import Params, parameters_of
 from gbml.tasks import LinearRegressionTasks, SinusoidTasks, Task, TaskFamily, stack_tasks
@@ -53,6 +61,8 @@ __all__ = [
     "meta_step",
     "parameters_of",
     "proximal_task_adapt",
+    "pulled_back_task_adapt",
+    "rajeswaran_omniglot_net",
     "stack_tasks",
     "task_adapt",
 ]

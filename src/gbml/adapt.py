@@ -109,3 +109,30 @@ def proximal_task_adapt(
         g = gradient(theta)
         theta = detached({name: theta[name] - lr * g[name] for name in theta})
     return theta
+
+
+def pulled_back_task_adapt(
+    loss: LossFn,
+    phi: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    lam: float,
+    lr: float,
+    steps: int,
+    validate: bool = True,
+) -> Params:
+    """The inner loop of Rajeswaran et al.'s released iMAML code: L gradient steps on
+    ``ℓ(·; x, y)`` alone, then one step of the same size on the proximal term alone::
+
+        θ_0 = φ,    θ_{k+1} = θ_k − α ∇ℓ(θ_k),    θ_t = θ_L − α λ (θ_L − φ).
+
+    The last step pulls θ_L a fraction αλ of the way back to φ. Like
+    :func:`proximal_task_adapt`, the result approximates the proximal minimum that iMAML's
+    implicit gradient assumes, and is returned cut from the graph.
+    """
+    if validate:
+        check_learning_rate("lambda (proximal regularisation)", lam)
+    theta = task_adapt(loss, phi, x, y, lr=lr, steps=steps, differentiable=False, validate=validate)
+    anchor = detached(phi)
+    return {name: theta[name] - lr * lam * (theta[name] - anchor[name]) for name in theta}
