@@ -103,6 +103,52 @@ def test_finn_omniglot_net_is_the_reference_architecture():
     assert len(norms) == 4 and all(m.weight is None and m.eps == 1e-3 for m in norms)
 
 
+def test_rajeswaran_omniglot_net_computes_what_their_network_computes():
+    """Rajeswaran et al.'s network written as their code builds it (torch.nn batch norm without
+    running statistics, the one-sided zero padding before the third convolution, a flattening
+    head), given our network's weights, gives the same logits in float64; and the
+    initialisation is theirs: Xavier-uniform with gain 1.73, biases on [0, 0.05]."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = gbml.rajeswaran_omniglot_net(ways=5).double()
+    layers = []
+    for block in range(4):
+        if block == 2:
+            layers.append(nn.ZeroPad2d((0, 1, 0, 1)))
+        layers += [
+            nn.Conv2d(1 if block == 0 else 64, 64, 3, stride=2, padding=1),
+            nn.BatchNorm2d(64, track_running_stats=False),
+            nn.ReLU(),
+        ]
+    reference = nn.Sequential(*layers, nn.Flatten(), nn.Linear(2 * 2 * 64, 5)).double()
+    kinds = (nn.Conv2d, nn.Linear, gbml.CompositeBatchNorm2d)
+    ours = [m for m in [*model.features, model.head] if isinstance(m, kinds)]
+    theirs = [m for m in reference if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    assert len(ours) == len(theirs) == 9
+    with torch.no_grad():
+        for mine, other in zip(ours, theirs):
+            other.weight.copy_(mine.weight)
+            other.bias.copy_(mine.bias)
+            mine.bias.add_(0.01 * torch.randn_like(mine.bias))  # batch norm's β too (it starts at 0)
+            other.bias.copy_(mine.bias)
+    x = torch.rand(7, 1, 28, 28, dtype=torch.float64)
+    assert torch.allclose(model(x), reference(x), rtol=0, atol=1e-12)
+
+    torch.manual_seed(0)
+    fresh = gbml.rajeswaran_omniglot_net(ways=5)
+    for layer in [m for m in [*fresh.features, fresh.head] if isinstance(m, (nn.Conv2d, nn.Linear))]:
+        fan_out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+        if isinstance(layer, nn.Conv2d):
+            fan_out *= 9
+        bound = 1.73 * math.sqrt(6 / (fan_in + fan_out))
+        assert float(layer.weight.abs().max()) <= bound
+        assert float(layer.weight.abs().max()) > 0.9 * bound
+        assert float(layer.bias.min()) >= 0.0 and float(layer.bias.max()) <= 0.05
+    norms = [m for m in fresh.features if isinstance(m, gbml.CompositeBatchNorm2d)]
+    assert len(norms) == 4 and all(m.weight is not None and m.eps == 1e-5 for m in norms)
+
+
 def test_reference_inner_lr_is_n_times_alpha():
     """The reference code's inner gradient is ∇ Σ_i CE_i / K = N ∇ mean CE over N·K examples."""
     from gbml.training import reference_inner_lr

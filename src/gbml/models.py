@@ -5,7 +5,8 @@
   halving the image (2×2 max pooling, or a stride-2 convolution), then a linear N-way head; for
   28×28×1 Omniglot images. :func:`finn_omniglot_net` builds it as Finn et al.'s reference code
   does for Omniglot: strided convolutions, a spatial mean, batch norm with a shift only, Xavier
-  initialisation.
+  initialisation; :func:`rajeswaran_omniglot_net` as Rajeswaran et al.'s iMAML code does:
+  strided convolutions whose maps are flattened into the head, batch norm with scale and shift.
 * :class:`CompositeBatchNorm2d` — batch norm written with elementary tensor operations.
   ``nn.BatchNorm2d`` goes through a fused kernel whose ``vmap`` rule gives *wrong second-order
   gradients*: with ``track_running_stats=False`` the MAML meta-gradient computed as
@@ -112,8 +113,13 @@ class ConvNet(nn.Module):
       al.'s Omniglot experiments (built with their initialisation by :func:`finn_omniglot_net`),
       about 3.7× fewer FLOPs per image.
 
-    ``batch_norm_scale=False`` keeps batch norm's shift β but drops its scale γ, as the reference
-    code does. ``conv="unfold"`` computes the convolutions as :class:`UnfoldConv2d` (same
+    ``readout`` says what the head sees: ``"flatten"``, every position of the last maps, or
+    ``"mean"``, their mean over positions. The default (None) is each variant's: ``"flatten"``
+    after max pooling, ``"mean"`` after strided convolutions. (Nichol et al.'s and Rajeswaran et
+    al.'s Omniglot networks flatten the 2×2 maps of strided convolutions.)
+
+    ``batch_norm_scale=False`` keeps batch norm's shift β but drops its scale γ, as Finn et al.'s
+    reference code does. ``conv="unfold"`` computes the convolutions as :class:`UnfoldConv2d` (same
     parameters and results; faster batched over tasks on some GPUs, see the Performance appendix).
     """
 
@@ -127,6 +133,7 @@ class ConvNet(nn.Module):
         conv: str = "native",
         downsample: str = "max_pool",
         batch_norm_scale: bool = True,
+        readout: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -141,12 +148,16 @@ class ConvNet(nn.Module):
             raise ValueError(f"conv must be 'native' or 'unfold', got {conv!r}")
         if downsample not in ("max_pool", "stride"):
             raise ValueError(f"downsample must be 'max_pool' or 'stride', got {downsample!r}")
+        if readout is None:
+            readout = "flatten" if downsample == "max_pool" else "mean"
+        if readout not in ("flatten", "mean"):
+            raise ValueError(f"readout must be 'flatten' or 'mean', got {readout!r}")
         side = image_size
         for _ in range(blocks):
             side = side // 2 if downsample == "max_pool" else (side + 1) // 2
         if side < 1:
             raise ValueError(f"{blocks} poolings leave nothing of a {image_size}×{image_size} image")
-        self.in_channels, self.image_size, self.downsample = in_channels, image_size, downsample
+        self.in_channels, self.image_size, self.readout = in_channels, image_size, readout
         stride = 2 if downsample == "stride" else 1
         layers: list[nn.Module] = []
         for b in range(blocks):
@@ -160,7 +171,7 @@ class ConvNet(nn.Module):
             if downsample == "max_pool":
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        features = hidden * side * side if downsample == "max_pool" else hidden
+        features = hidden * side * side if readout == "flatten" else hidden
         self.head = nn.Linear(features, ways)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -170,7 +181,7 @@ class ConvNet(nn.Module):
                 f"ConvNet expects images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
         maps = self.features(x)
-        if self.downsample == "stride":
+        if self.readout == "mean":
             return self.head(maps.mean(dim=(2, 3)))
         return self.head(maps.flatten(start_dim=1))
 
@@ -194,6 +205,26 @@ def finn_omniglot_net(ways: int, hidden: int = 64, conv: str = "native") -> Conv
                 nn.init.zeros_(module.bias)
         nn.init.normal_(model.head.weight, mean=0.0, std=1.0)
         nn.init.zeros_(model.head.bias)
+    return model
+
+
+def rajeswaran_omniglot_net(ways: int, hidden: int = 64, conv: str = "native") -> ConvNet:
+    """Rajeswaran et al.'s Omniglot network for iMAML, initialised as their released code
+    (aravindr93/imaml_dev) does.
+
+    Stride-2 convolutions (28 → 14 → 7 → 4 → 2) whose 2×2×64 maps are flattened into the head
+    (``readout="flatten"``), batch norm with scale and shift (γ = 1, β = 0 at the start, ε =
+    10⁻⁵), and every convolution and the head Xavier-uniform with gain 1.73 and biases uniform
+    on [0, 0.05]. (Their code pads the 7×7 maps to 8×8 on one side before the third convolution;
+    with stride 2 and padding 1 that reads the same windows, so it is left out.) Seed with
+    ``torch.manual_seed``.
+    """
+    model = ConvNet(ways, hidden=hidden, conv=conv, downsample="stride", readout="flatten")
+    with torch.no_grad():
+        for module in [*model.features, model.head]:
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight, gain=1.73)
+                nn.init.uniform_(module.bias, 0.0, 0.05)
     return model
 
 
