@@ -11,6 +11,7 @@ import gbml
 import gbml.training as training
 from gbml.cli import main
 from gbml.training import TrainConfig, mean_and_ci95
+from reference import adapted_params, relative_error
 
 TINY = ["--dataset", "sinusoid", "--iterations", "30", "--validate-every", "10", "--validation-tasks", "20"]
 
@@ -400,6 +401,51 @@ def test_imaml_options_reach_the_algorithm():
     assert (algorithm.lam, algorithm.cg_steps, algorithm.cg_tol, algorithm.damping) == (3.0, 7, 1e-4, 0.5)
     with pytest.raises(ValueError, match="damping must be non-negative"):
         TrainConfig(algorithm="imaml", damping=-1.0)
+    assert TrainConfig(algorithm="imaml", inner_loop="pull_back").make_algorithm().inner_loop == "pull_back"
+
+
+def test_imaml_meta_tests_with_eval_lam(generator):
+    """eval_lam sets λ at validation and meta-test only; 0 adapts by plain gradient steps from φ,
+    checked against an autograd loop (tests/reference.py)."""
+    model = torch.nn.Linear(4, 1).double()
+    phi = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    y = torch.randn(6, 1, generator=generator, dtype=torch.float64)
+    loss = gbml.make_loss(model)
+    config = TrainConfig(algorithm="imaml", inner_lr=0.1, inner_steps=5, eval_inner_steps=3, eval_lam=0.0)
+    assert config.make_algorithm().lam == 2.0  # training keeps λ
+    plain = config.make_test_algorithm().adapt(loss, phi, x, y)
+    expected = adapted_params(model, torch.nn.functional.mse_loss, phi, x, y, lr=0.1, steps=3)
+    assert relative_error(plain, expected) < 1e-12
+    assert replace(config, eval_lam=0.5).make_test_algorithm().lam == 0.5
+    unset = replace(config, eval_lam=None).make_test_algorithm()
+    assert (unset.lam, unset.inner_steps) == (2.0, 3)
+    assert relative_error(unset.adapt(loss, phi, x, y), expected) > 1e-3  # the proximal term acts
+    assert "eval_lam" in training.EVALUATION_OPTIONS  # changes no run's training
+    with pytest.raises(ValueError, match="eval_lam must be non-negative"):
+        TrainConfig(algorithm="imaml", eval_lam=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"algorithm": "maml", "eval_lam": 0.0}, "eval_lam is iMAML's"),
+        ({"algorithm": "fomaml", "inner_loop": "pull_back"}, "inner_loop is iMAML's"),
+        ({"algorithm": "imaml", "inner_loop": "pullback"}, "inner_loop must be"),
+        ({"outer_eps": 0.0}, "outer_eps .* must be positive"),
+        ({"outer_optimizer": "sgd", "outer_eps": 1e-3}, "outer_eps is Adam's"),
+        ({"network": "flatten"}, "network must be one of"),
+    ],
+)
+def test_bad_imaml_and_optimizer_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options)
+
+
+def test_outer_eps_is_adams_epsilon():
+    params = [torch.zeros(3, requires_grad=True)]
+    assert TrainConfig().make_outer_optimizer(params).param_groups[0]["eps"] == 1e-8
+    assert TrainConfig(outer_eps=1e-3).make_outer_optimizer(params).param_groups[0]["eps"] == 1e-3
 
 
 def test_confidence_interval():
@@ -546,7 +592,11 @@ def test_options_come_from_one_table_with_help_and_choices(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    assert "{auto,true,false,compile}" in text and "{stride,max_pool}" in text and "--data-dir" in text
+    assert (
+        "{auto,true,false,compile}" in text
+        and "{stride,stride_flatten,max_pool}" in text
+        and "--data-dir" in text
+    )
     assert "``" not in text
     with pytest.raises(SystemExit):
         main(["train", "--batched", "sometimes", "--out", "x"])

@@ -34,6 +34,7 @@ from gbml.training import (
     ALGORITHMS,
     BATCHED,
     DATASETS,
+    INNER_LOOPS,
     NETWORKS,
     OUTER_OPTIMIZERS,
     TrainConfig,
@@ -68,7 +69,12 @@ TRAIN_OPTIONS: dict[str, tuple[type, str, tuple[str, ...] | None]] = {
     "validate_every": (int, "meta-iterations between validations (and checkpoints)", None),
     "validation_tasks": (int, "tasks per validation", None),
     "batched": (str, "vmap over tasks (true), loop (false), vmap through torch.compile, or auto", BATCHED),
-    "network": (str, "Omniglot network: Finn et al.'s strided net, or the max-pooling one", NETWORKS),
+    "network": (
+        str,
+        "Omniglot network: Finn et al.'s strided net, Rajeswaran et al.'s (strided, flattened), or the "
+        "max-pooling one",
+        NETWORKS,
+    ),
     "test_queries": (int, "query examples per class at validation and meta-test (default: --queries)", None),
     "outer_optimizer": (
         str,
@@ -92,6 +98,18 @@ TRAIN_OPTIONS: dict[str, tuple[type, str, tuple[str, ...] | None]] = {
         str,
         "MAML/FO-MAML: adapt every parameter in the inner loop, or all but batch norm's (Finn et al.'s code)",
         ("all", "no_batch_norm"),
+    ),
+    "outer_eps": (float, "Adam's ε in the outer optimizer", None),
+    "inner_loop": (
+        str,
+        "iMAML's inner loop: gradient descent on the proximal objective, or steps on the loss and then "
+        "one on the proximal term (Rajeswaran et al.'s code)",
+        INNER_LOOPS,
+    ),
+    "eval_lam": (
+        float,
+        "iMAML's λ at validation and meta-test (default: --lam; 0: plain gradient steps)",
+        None,
     ),
     "inner_state": (
         str,

@@ -30,7 +30,14 @@ from gbml.algorithms import FOMAML, IMAML, MAML, InnerAdamState, MetaAlgorithm, 
 from gbml.compiled import CompiledMetaStep
 from gbml.errors import check_positive_integer
 from gbml.meta import MetaStepResult, apply_meta_gradient, carried_meta_gradient, choose_batched, meta_step
-from gbml.models import ConvNet, SinusoidMLP, finn_omniglot_net, is_batch_norm, make_loss
+from gbml.models import (
+    ConvNet,
+    SinusoidMLP,
+    finn_omniglot_net,
+    is_batch_norm,
+    make_loss,
+    rajeswaran_omniglot_net,
+)
 from gbml.notebook import exact_float32, machine_description, resolve_device, source_revision, tf32_enabled
 from gbml.params import Params, detached, parameters_of
 from gbml.tasks import SinusoidTasks, Task
@@ -38,7 +45,7 @@ from gbml.tasks import SinusoidTasks, Task
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 #: "omniglot-mini" is the 50-character miniature shipped with gbml (tests, offline trials).
 DATASETS = ("sinusoid", "omniglot", "omniglot-mini")
-NETWORKS = ("stride", "max_pool")
+NETWORKS = ("stride", "stride_flatten", "max_pool")
 #: TrainConfig.batched: the API's ``True`` / ``False`` / ``"auto"`` (:func:`gbml.choose_batched`),
 #: plus ``"compile"`` (the vmap step through torch.compile). On the command line and in saved
 #: records, ``True`` and ``False`` are spelt "true" and "false".
@@ -62,6 +69,8 @@ INNER_STATES = ("fresh", "carried")
 #: TrainConfig.fast_weights: which parameters MAML's and FO-MAML's inner loop adapts. Finn et al.'s
 #: code adapts all but batch norm's shift ("no_batch_norm"), which only the outer loop learns.
 FAST_WEIGHTS = ("all", "no_batch_norm")
+#: TrainConfig.inner_loop: how iMAML solves its proximal inner problem (see :class:`gbml.IMAML`).
+INNER_LOOPS = ("proximal", "pull_back")
 #: The options a resumed run may change: its length (unless the outer step is annealed over it),
 #: and where and along which code path it runs (every path computes the same meta-gradient up to
 #: rounding; the test suite checks this).
@@ -70,6 +79,7 @@ EXECUTION_OPTIONS = ("iterations", "device", "batched")
 EVALUATION_OPTIONS = (
     "eval_inner_steps",
     "eval_inner_batch",
+    "eval_lam",
     "test_queries",
     "validate_every",
     "validation_tasks",
@@ -86,8 +96,18 @@ class TrainConfig:
     N·α = 2.0 here (see :func:`reference_inner_lr`).
 
     ``network`` (Omniglot): ``"stride"`` is Finn et al.'s Omniglot network with their
-    initialisation (:func:`gbml.models.finn_omniglot_net`); ``"max_pool"`` is
+    initialisation (:func:`gbml.models.finn_omniglot_net`); ``"stride_flatten"`` is Rajeswaran et
+    al.'s, with theirs (:func:`gbml.models.rajeswaran_omniglot_net`); ``"max_pool"`` is
     ``ConvNet(ways)``: max pooling, batch norm with γ and β, PyTorch's default initialisation.
+
+    ``outer_eps`` is Adam's ε (PyTorch's default 10⁻⁸). Adam's step is unchanged when the
+    meta-gradient and ε are scaled together, but not when only one is: a large ε makes the step
+    depend on the meta-gradient's scale.
+
+    iMAML: ``inner_loop`` solves the proximal inner problem by gradient descent on it
+    (``"proximal"``) or as Rajeswaran et al.'s code does (``"pull_back"``, see
+    :class:`gbml.IMAML`); ``eval_lam`` is λ at validation and meta-test (None: ``lam``; 0: no
+    proximal term, plain gradient steps from φ, as their code meta-tests).
 
     ``inner_state="carried"`` (Reptile with ``inner_optimizer="adam"``) keeps one inner Adam for
     all tasks, as Nichol et al.'s code does: training takes a meta-batch's tasks in turn
@@ -128,6 +148,9 @@ class TrainConfig:
     inner_state: str = "fresh"
     fast_weights: str = "all"
     eval_inner_batch: int | None = None
+    outer_eps: float = 1e-8
+    inner_loop: str = "proximal"
+    eval_lam: float | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -189,6 +212,17 @@ class TrainConfig:
                 f"fast_weights={self.fast_weights!r} is for MAML and FO-MAML: {self.algorithm} learns "
                 "only what its inner loop adapts (Reptile) or adapts every parameter (iMAML)"
             )
+        if not (isinstance(self.outer_eps, (int, float)) and self.outer_eps > 0):
+            raise ValueError(f"outer_eps (Adam's ε) must be positive, got {self.outer_eps!r}")
+        if self.outer_eps != 1e-8 and self.outer_optimizer != "adam":
+            raise ValueError(f"outer_eps is Adam's ε; outer_optimizer {self.outer_optimizer!r} has none")
+        if self.inner_loop not in INNER_LOOPS:
+            raise ValueError(f"inner_loop must be 'proximal' or 'pull_back', got {self.inner_loop!r}")
+        for name in ("inner_loop", "eval_lam"):
+            if getattr(self, name) != getattr(TrainConfig, name) and self.algorithm != "imaml":
+                raise ValueError(f"{name} is iMAML's, not {self.algorithm}'s")
+        if self.eval_lam is not None and not (isinstance(self.eval_lam, (int, float)) and self.eval_lam >= 0):
+            raise ValueError(f"eval_lam must be non-negative or None, got {self.eval_lam!r}")
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
         if not isinstance(self.batched, bool) and self.batched not in BATCHED:
@@ -212,11 +246,23 @@ class TrainConfig:
         """Adam, or plain SGD (with which Reptile's φ ← φ − ε Δ is its interpolation towards θ_t)."""
         if self.outer_optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.outer_lr)
-        return torch.optim.Adam(params, lr=self.outer_lr)
+        return torch.optim.Adam(params, lr=self.outer_lr, eps=self.outer_eps)
 
     @property
     def test_inner_steps(self) -> int:
         return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
+
+    def make_test_algorithm(self, problem: Problem | None = None) -> MetaAlgorithm:
+        """The algorithm whose TASK_ADAPT validates and meta-tests this run: ``test_inner_steps``
+        steps, and for iMAML λ = ``eval_lam`` where it is set. With ``eval_lam=0`` there is no
+        proximal term: adaptation is plain gradient descent from φ, which is FO-MAML's TASK_ADAPT,
+        so that is what this returns. ``problem`` as for :meth:`make_algorithm`."""
+        algorithm = self.make_algorithm(self.test_inner_steps, problem)
+        if self.algorithm != "imaml" or self.eval_lam is None:
+            return algorithm
+        if self.eval_lam == 0:
+            return FOMAML(self.inner_lr, self.test_inner_steps)
+        return replace(algorithm, lam=self.eval_lam)
 
     def make_algorithm(self, inner_steps: int | None = None, problem: Problem | None = None) -> MetaAlgorithm:
         """The algorithm with this run's hyperparameters (``inner_steps`` steps if given, e.g. at
@@ -264,6 +310,7 @@ class TrainConfig:
             cg_tol=self.cg_tol,
             damping=self.damping,
             on_cg_failure="warn",
+            inner_loop=self.inner_loop,
         )
 
     @property
@@ -399,6 +446,8 @@ def make_problem(config: TrainConfig, device: torch.device) -> Problem:
 
     if config.network == "stride":
         model = finn_omniglot_net(config.ways).to(device)
+    elif config.network == "stride_flatten":
+        model = rajeswaran_omniglot_net(config.ways).to(device)
     else:
         model = ConvNet(ways=config.ways).to(device)
     loss = make_loss(model, F.cross_entropy)
@@ -509,7 +558,7 @@ def evaluate(
     on a CPU); this changes the speed, not which tasks are drawn.
     """
     device = device or next(iter(phi.values())).device
-    algorithm = config.make_algorithm(config.test_inner_steps, problem)
+    algorithm = config.make_test_algorithm(problem)
     generator = torch.Generator().manual_seed(seed)
     values = []
     for start in range(0, num_tasks, chunk):
