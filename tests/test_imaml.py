@@ -92,7 +92,9 @@ def test_pulled_back_inner_loop_and_its_meta_gradient_match_the_closed_form(gene
     w_steps = w_star + torch.linalg.matrix_power(eye - lr * h, steps) @ (phi["weight"].T - w_star)
     theta_expected = w_steps - lr * lam * (w_steps - phi["weight"].T)
 
-    theta = gbml.pulled_back_task_adapt(loss, phi, *task.support, lam=lam, lr=lr, steps=steps)
+    theta = gbml.proximal_task_adapt(
+        loss, phi, *task.support, lam=lam, lr=lr, steps=steps, inner_loop="pull_back"
+    )
     assert relative_error(theta["weight"], theta_expected.T) < 1e-12
     assert not theta["weight"].requires_grad
 

@@ -5,7 +5,7 @@ algorithm computes each task's meta-update Δ_t, and :func:`meta_step` averages 
 of tasks (with ``vmap`` or a loop) and hands the mean to any torch optimizer.
 """
 
-from gbml.adapt import LossFn, proximal_task_adapt, pulled_back_task_adapt, task_adapt
+from gbml.adapt import LossFn, proximal_task_adapt, task_adapt
 from gbml.algorithms import FOMAML, IMAML, MAML, InnerAdamState, MetaAlgorithm, Reptile
 from gbml.cg import CGResult, conjugate_gradient, hessian_vector_product
 from gbml.errors import ConvergenceError, CorruptDataError, DivergenceError, MissingDataError
@@ -61,7 +61,6 @@ __all__ = [
     "meta_step",
     "parameters_of",
     "proximal_task_adapt",
-    "pulled_back_task_adapt",
     "rajeswaran_omniglot_net",
     "stack_tasks",
     "task_adapt",

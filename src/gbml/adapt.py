@@ -17,6 +17,9 @@ from gbml.params import Params, detached, squared_distance
 LossFn = Callable[[Params, Tensor, Tensor], Tensor]
 """``ℓ(params, x, y) -> scalar``: the loss of a network with ``params`` on the batch ``(x, y)``."""
 
+#: How :func:`proximal_task_adapt` solves iMAML's inner problem.
+INNER_LOOPS = ("proximal", "pull_back")
+
 
 def check_learning_rate(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not value > 0:
@@ -85,10 +88,18 @@ def proximal_task_adapt(
     lr: float,
     steps: int,
     validate: bool = True,
+    inner_loop: str = "proximal",
 ) -> Params:
     """iMAML's inner problem, solved approximately by L steps of gradient descent from φ::
 
         θ_t ≈ argmin_θ  ℓ(θ; x, y) + λ/2 ‖θ − φ‖².
+
+    ``inner_loop="proximal"`` (default) descends that objective: θ_{k+1} = θ_k − α(∇ℓ(θ_k) +
+    λ(θ_k − φ)). ``inner_loop="pull_back"`` is the loop of Rajeswaran et al.'s released code: L
+    steps on ℓ alone, then one step of the same size on the proximal term alone, which pulls θ a
+    fraction αλ of the way back to φ::
+
+        θ_{k+1} = θ_k − α ∇ℓ(θ_k),    θ_t = θ_L − αλ (θ_L − φ).
 
     The result is never differentiated with respect to φ (iMAML gets its meta-gradient from
     the implicit function theorem instead), so it is returned cut from the graph. ``validate``
@@ -98,7 +109,12 @@ def proximal_task_adapt(
         check_learning_rate("lambda (proximal regularisation)", lam)
         check_learning_rate("inner learning rate", lr)
         check_steps("number of inner steps", steps)
+    if inner_loop not in INNER_LOOPS:
+        raise ValueError(f"inner_loop must be 'proximal' or 'pull_back', got {inner_loop!r}")
     anchor = detached(phi)
+    if inner_loop == "pull_back":
+        theta = task_adapt(loss, anchor, x, y, lr=lr, steps=steps, differentiable=False, validate=False)
+        return {name: theta[name] - lr * lam * (theta[name] - anchor[name]) for name in theta}
 
     def proximal_objective(theta: Params) -> Tensor:
         return loss(theta, x, y) + 0.5 * lam * squared_distance(theta, anchor)
@@ -109,30 +125,3 @@ def proximal_task_adapt(
         g = gradient(theta)
         theta = detached({name: theta[name] - lr * g[name] for name in theta})
     return theta
-
-
-def pulled_back_task_adapt(
-    loss: LossFn,
-    phi: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    lam: float,
-    lr: float,
-    steps: int,
-    validate: bool = True,
-) -> Params:
-    """The inner loop of Rajeswaran et al.'s released iMAML code: L gradient steps on
-    ``ℓ(·; x, y)`` alone, then one step of the same size on the proximal term alone::
-
-        θ_0 = φ,    θ_{k+1} = θ_k − α ∇ℓ(θ_k),    θ_t = θ_L − α λ (θ_L − φ).
-
-    The last step pulls θ_L a fraction αλ of the way back to φ. Like
-    :func:`proximal_task_adapt`, the result approximates the proximal minimum that iMAML's
-    implicit gradient assumes, and is returned cut from the graph.
-    """
-    if validate:
-        check_learning_rate("lambda (proximal regularisation)", lam)
-    theta = task_adapt(loss, phi, x, y, lr=lr, steps=steps, differentiable=False, validate=validate)
-    anchor = detached(phi)
-    return {name: theta[name] - lr * lam * (theta[name] - anchor[name]) for name in theta}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from gbml.adapt import LossFn
+from gbml.adapt import INNER_LOOPS, LossFn
 from gbml.algorithms import FOMAML, IMAML, MAML, InnerAdamState, MetaAlgorithm, Reptile
 from gbml.compiled import CompiledMetaStep
 from gbml.errors import check_positive_integer
@@ -69,8 +69,6 @@ INNER_STATES = ("fresh", "carried")
 #: TrainConfig.fast_weights: which parameters MAML's and FO-MAML's inner loop adapts. Finn et al.'s
 #: code adapts all but batch norm's shift ("no_batch_norm"), which only the outer loop learns.
 FAST_WEIGHTS = ("all", "no_batch_norm")
-#: TrainConfig.inner_loop: how iMAML solves its proximal inner problem (see :class:`gbml.IMAML`).
-INNER_LOOPS = ("proximal", "pull_back")
 #: The options a resumed run may change: its length (unless the outer step is annealed over it),
 #: and where and along which code path it runs (every path computes the same meta-gradient up to
 #: rounding; the test suite checks this).

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from gbml.adapt import LossFn, check_learning_rate, check_steps, proximal_task_adapt, pulled_back_task_adapt
+from gbml.adapt import INNER_LOOPS, LossFn, check_learning_rate, check_steps, proximal_task_adapt
 from gbml.algorithms.base import MetaAlgorithm, TaskInfo
 from gbml.cg import conjugate_gradient, gradient_and_hessian_product
 from gbml.errors import ConvergenceError
@@ -50,7 +50,7 @@ class IMAML(MetaAlgorithm):
             gradient steps on ℓ + λ/2 ‖θ − φ‖². ``"pull_back"``: L gradient steps on ℓ alone,
             then one step of size ``inner_lr`` on the proximal term alone (θ moves a fraction
             α·λ of the way back to φ), as Rajeswaran et al.'s released code does
-            (:func:`gbml.adapt.pulled_back_task_adapt`).
+            (:func:`gbml.proximal_task_adapt`).
     """
 
     inner_lr: float
@@ -73,13 +73,22 @@ class IMAML(MetaAlgorithm):
             raise ValueError(f"damping must be non-negative, got {self.damping!r}")
         if self.on_cg_failure not in ("raise", "warn"):
             raise ValueError(f"on_cg_failure must be 'raise' or 'warn', got {self.on_cg_failure!r}")
-        if self.inner_loop not in ("proximal", "pull_back"):
+        if self.inner_loop not in INNER_LOOPS:
             raise ValueError(f"inner_loop must be 'proximal' or 'pull_back', got {self.inner_loop!r}")
 
     def adapt(self, loss: LossFn, phi: Params, x: Tensor, y: Tensor) -> Params:
         """The proximal inner problem, solved as ``inner_loop`` says (the same TASK_ADAPT as training)."""
-        solve = proximal_task_adapt if self.inner_loop == "proximal" else pulled_back_task_adapt
-        return solve(loss, phi, x, y, lam=self.lam, lr=self.inner_lr, steps=self.inner_steps, validate=False)
+        return proximal_task_adapt(
+            loss,
+            phi,
+            x,
+            y,
+            lam=self.lam,
+            lr=self.inner_lr,
+            steps=self.inner_steps,
+            validate=False,
+            inner_loop=self.inner_loop,
+        )
 
     def task_delta(self, loss: LossFn, phi: Params, task: Task) -> tuple[Params, TaskInfo]:
         theta = self.adapt(loss, phi, *task.support)
