@@ -9,7 +9,7 @@
 #   * maml-5w1s on Finn et al.'s protocol exactly (batch norm's shift not a fast weight), new,
 #     towards the paper's 60,000 meta-iterations, in results/omniglot/gpu/maml-5w1s;
 #   * imaml-5w5s on Rajeswaran et al.'s protocol, new, in results/omniglot/imaml-5w5s (GPU only:
-#     imaml-5w1s took 6.6 s per meta-iteration on one CPU thread, and 5-shot tasks hold 5x the images);
+#     imaml-5w1s takes seconds per meta-iteration on one CPU thread, and 5-shot tasks hold 5x the images);
 #   * maml-20w1s, fomaml-20w1s and imaml-5w1s continued from their committed checkpoints.
 # Training runs with TF32 off (`gbml.training.train` computes in exact float32 and each session's
 # record says "tf32": false). Nothing is evaluated on the test split here: `python -m gbml export`
