@@ -28,13 +28,13 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from gbml.adapt import INNER_LOOPS
 from gbml.errors import ConvergenceError, DivergenceError
 from gbml.omniglot import DATA_DIR_ENV
 from gbml.training import (
     ALGORITHMS,
     BATCHED,
     DATASETS,
-    INNER_LOOPS,
     NETWORKS,
     OUTER_OPTIMIZERS,
     TrainConfig,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from gbml.adapt import INNER_LOOPS, LossFn
+from gbml.adapt import LossFn
 from gbml.algorithms import FOMAML, IMAML, MAML, InnerAdamState, MetaAlgorithm, Reptile
 from gbml.compiled import CompiledMetaStep
 from gbml.errors import check_positive_integer
@@ -214,8 +214,6 @@ class TrainConfig:
             raise ValueError(f"outer_eps (Adam's ε) must be positive, got {self.outer_eps!r}")
         if self.outer_eps != 1e-8 and self.outer_optimizer != "adam":
             raise ValueError(f"outer_eps is Adam's ε; outer_optimizer {self.outer_optimizer!r} has none")
-        if self.inner_loop not in INNER_LOOPS:
-            raise ValueError(f"inner_loop must be 'proximal' or 'pull_back', got {self.inner_loop!r}")
         for name in ("inner_loop", "eval_lam"):
             if getattr(self, name) != getattr(TrainConfig, name) and self.algorithm != "imaml":
                 raise ValueError(f"{name} is iMAML's, not {self.algorithm}'s")
@@ -226,7 +224,8 @@ class TrainConfig:
         if not isinstance(self.batched, bool) and self.batched not in BATCHED:
             raise ValueError(f"batched must be True, False, 'auto' or 'compile', got {self.batched!r}")
         self.batched = batched_value(self.batched)  # one vocabulary: "true" (a saved run's) is True
-        self._algorithm(self.inner_steps, None, frozenset())  # validates inner_lr, inner_steps, lam, cg_steps
+        # Validates inner_lr, inner_steps, lam, cg_steps (and iMAML's inner_loop).
+        self._algorithm(self.inner_steps, None, frozenset())
 
     @property
     def evaluation_queries(self) -> int:
