@@ -36,6 +36,17 @@ def exact_ridge_meta_gradient(phi, task, lam):
     return theta_star.T, meta_gradient.T
 
 
+def pulled_back_ridge_theta(phi_column, task, lam, lr, steps):
+    """Rajeswaran et al.'s inner loop on ridge regression, in closed form. L gradient steps on
+    mean((Xw − y)²), whose gradient is Hw − b, leave w_L = w* + (I − αH)^L (φ − w*) with Hw* = b;
+    the pull-back step gives θ = w_L − αλ(w_L − φ). Column vectors in and out."""
+    h, b = linear_regression_quantities(*task.support)
+    w_star = torch.linalg.solve(h, b)
+    eye = torch.eye(len(h), dtype=h.dtype)
+    w_steps = w_star + torch.linalg.matrix_power(eye - lr * h, steps) @ (phi_column - w_star)
+    return w_steps - lr * lam * (w_steps - phi_column)
+
+
 @pytest.mark.parametrize("lam", [0.5, 2.0, 10.0])
 def test_imaml_matches_the_exact_ridge_meta_gradient(lam, generator):
     model, task = ridge_setup(generator)
@@ -77,20 +88,17 @@ def test_imaml_error_shrinks_with_cg_steps(generator):
 
 
 def test_pulled_back_inner_loop_and_its_meta_gradient_match_the_closed_form(generator):
-    """Rajeswaran et al.'s inner loop on ridge regression. L gradient steps on mean((Xw − y)²),
-    whose gradient is Hw − b, leave w_L = w* + (I − αH)^L (φ − w*) with Hw* = b; the pull-back
-    step gives θ = w_L − αλ(w_L − φ); and iMAML's meta-gradient at that θ is
+    """Rajeswaran et al.'s inner loop on ridge regression against its closed form
+    (:func:`pulled_back_ridge_theta`), and iMAML's meta-gradient at that θ:
     (I + H/λ)⁻¹ ∇ℓ_val(θ) = λ (H + λI)⁻¹ (H_val θ − b_val)."""
     model, task = ridge_setup(generator)
     phi = clone_params(model)
     loss = gbml.make_loss(model)
     lam, lr, steps = 2.0, 0.05, 7
-    h, b = linear_regression_quantities(*task.support)
+    h, _ = linear_regression_quantities(*task.support)
     h_val, b_val = linear_regression_quantities(*task.query)
     eye = torch.eye(len(h), dtype=h.dtype)
-    w_star = torch.linalg.solve(h, b)
-    w_steps = w_star + torch.linalg.matrix_power(eye - lr * h, steps) @ (phi["weight"].T - w_star)
-    theta_expected = w_steps - lr * lam * (w_steps - phi["weight"].T)
+    theta_expected = pulled_back_ridge_theta(phi["weight"].T, task, lam, lr, steps)
 
     theta = gbml.proximal_task_adapt(
         loss, phi, *task.support, lam=lam, lr=lr, steps=steps, inner_loop="pull_back"
@@ -120,14 +128,12 @@ def test_rajeswaran_protocol_takes_their_outer_steps(generator):
     model, task = ridge_setup(generator)
     loss = gbml.make_loss(model)
     lam, lr, steps = config.lam, 0.05, 4  # the protocol's inner step 0.1 is too long for this H
-    h, b = linear_regression_quantities(*task.support)
+    h, _ = linear_regression_quantities(*task.support)
     h_val, b_val = linear_regression_quantities(*task.query)
     eye = torch.eye(len(h), dtype=h.dtype)
-    w_star = torch.linalg.solve(h, b)
 
     def their_meta_gradient(phi):  # their inner loop, then their damped system, solved exactly
-        w = w_star + torch.linalg.matrix_power(eye - lr * h, steps) @ (phi.T - w_star)
-        theta = w - lr * lam * (w - phi.T)
+        theta = pulled_back_ridge_theta(phi.T, task, lam, lr, steps)
         return torch.linalg.solve(2 * eye + h / (lam + 10), h_val @ theta - b_val).T
 
     def outer_steps(meta_gradient, eps):
