@@ -17,12 +17,27 @@ import torch
 import torch.nn.functional as F
 
 import gbml
-from gbml.protocols import OMNIGLOT_RUNS, PUBLISHED, TARGETS
+from gbml.protocols import (
+    GPU_RUNS,
+    OMNIGLOT_RUNS,
+    PAPER_ITERATIONS,
+    PUBLISHED,
+    TARGETS,
+    committed_runs,
+    published_name,
+)
 from gbml.training import EXECUTION_OPTIONS, TrainConfig, evaluate, load_checkpoint
 from test_omniglot import full_data_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = sorted(p.parent for p in (ROOT / "results" / "omniglot").glob("*/run.json"))
+RESULTS = ROOT / "results" / "omniglot"
+COMMITTED = list(committed_runs(RESULTS).values())  # the CPU runs, and under gpu/ a GPU's
+REGISTERED = OMNIGLOT_RUNS | GPU_RUNS
+
+
+def run_name(folder: Path) -> str:
+    """A committed run's name in the registries: "maml-5w1s", "gpu/maml-5w1s"."""
+    return folder.relative_to(RESULTS).as_posix()
 
 
 def needs_omniglot():
@@ -73,7 +88,7 @@ def test_there_are_committed_runs_and_each_follows_its_protocol():
     assert COMMITTED, "no committed run under results/omniglot"
     for folder in COMMITTED:
         summary = json.loads((folder / "run.json").read_text())
-        protocol = asdict(OMNIGLOT_RUNS[folder.name])
+        protocol = asdict(REGISTERED[run_name(folder)])
         defining = {k: v for k, v in protocol.items() if k not in EXECUTION_OPTIONS}
         # Fields added to TrainConfig after a run was saved take their defaults (what it ran with).
         saved = asdict(TrainConfig.from_dict(summary["config"]))
@@ -81,7 +96,7 @@ def test_there_are_committed_runs_and_each_follows_its_protocol():
         assert summary["tasks_seen"] == summary["iterations"] * protocol["meta_batch"]
         assert summary["sessions"] and summary["sessions"][-1]["to_iteration"] == summary["iterations"]
         assert summary["test"]["tasks"] == 600 and len(summary["test"]["per_task"]) == 600
-        assert folder.name in PUBLISHED
+        assert published_name(run_name(folder)) in PUBLISHED
         final = torch.load(folder / "final.pt", weights_only=True)
         # Meta-parameters only, no optimizer state; a carried inner Adam state is part of the
         # result (meta-test tasks adapt from it), so it is kept.
@@ -127,7 +142,7 @@ def _result_tensors(checkpoint):
 ONE_PER_ALGORITHM = list({p.name.split("-")[0]: p for p in reversed(COMMITTED)}.values())
 
 
-@pytest.mark.parametrize("folder", ONE_PER_ALGORITHM, ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", ONE_PER_ALGORITHM, ids=run_name)
 def test_a_committed_run_reloads_and_re_evaluates_to_its_recorded_accuracy(folder):
     """The public loader gives back meta-parameters that score the first 50 of the 600 recorded
     test tasks as recorded (two flipped query predictions allowed, for other processors)."""
@@ -147,6 +162,18 @@ def test_targets_name_published_runs():
     assert set(TARGETS) <= set(PUBLISHED)
     for name, target in TARGETS.items():
         assert target < PUBLISHED[name][0]
+
+
+def test_a_gpu_run_is_its_published_rows_protocol_at_the_papers_budget():
+    """gpu/<name> is compared with <name>'s published row, so it must train that row's setting and
+    algorithm, with the paper's fast weights and budget."""
+    assert GPU_RUNS
+    for name, config in GPU_RUNS.items():
+        row = published_name(name)
+        assert name == f"gpu/{row}" and row in PUBLISHED and row in OMNIGLOT_RUNS
+        cpu = OMNIGLOT_RUNS[row]
+        assert (config.algorithm, config.ways, config.shots) == (cpu.algorithm, cpu.ways, cpu.shots)
+        assert config.fast_weights == "no_batch_norm" and config.iterations == PAPER_ITERATIONS
 
 
 @pytest.mark.parametrize("dataset", ["omniglot-mini", "omniglot"])
@@ -335,7 +362,7 @@ def test_the_committed_fine_tuning_choices_are_the_best_on_their_validation_task
 
     record = json.loads((ROOT / "results" / "omniglot" / "pretrained_finetuning.json").read_text())
     settings = {(c["ways"], c["shots"]) for c in record["choices"]}
-    assert settings == {(OMNIGLOT_RUNS[p.name].ways, OMNIGLOT_RUNS[p.name].shots) for p in COMMITTED}
+    assert settings == {(REGISTERED[run_name(p)].ways, REGISTERED[run_name(p)].shots) for p in COMMITTED}
     for choice in record["choices"]:
         points = {(v["lr"], v["steps"]): v["mean"] for v in choice["validation"]}
         assert list(points) == FINETUNING_GRIDS[choice["whole_net"]]
@@ -355,3 +382,14 @@ def test_the_committed_fine_tuning_choices_are_the_best_on_their_validation_task
     one_flip = 1 / (5 * record["validation_tasks"])  # one query image of one task, in the mean
     for v in head_5w1s["validation"]:
         assert abs(again[v["lr"], v["steps"]]["mean"] - v["mean"]) <= 2 * one_flip + 1e-12
+
+
+def test_committed_runs_are_the_exported_runs_and_the_gpus_not_pilots_or_abandoned_ones(tmp_path):
+    for folder in ("maml-5w1s", "gpu/maml-5w1s", "abandoned/maml-5w1s-old", "pilots/reptile-lr0.1"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "run.json").write_text("{}")
+    (tmp_path / "fomaml-5w1s").mkdir()  # still training: no run.json yet
+    assert committed_runs(tmp_path) == {
+        "gpu/maml-5w1s": tmp_path / "gpu" / "maml-5w1s",
+        "maml-5w1s": tmp_path / "maml-5w1s",
+    }

@@ -6,8 +6,8 @@
 # Five trainings share the GPU, each a process of its own (their small kernels leave the GPU idle
 # most of the time, so they overlap), and each stops at its last checkpoint within SECONDS
 # (`train --time-limit`; a run continues from its last.pt at the next call):
-#   * maml-5w1s on Finn et al.'s protocol exactly (batch norm's shift not a fast weight), new,
-#     towards the paper's 60,000 meta-iterations, in results/omniglot/gpu/maml-5w1s;
+#   * gpu/maml-5w1s (gbml.protocols.GPU_RUNS): Finn et al.'s protocol exactly (batch norm's shift
+#     not a fast weight), new, towards the paper's 60,000 meta-iterations, in results/omniglot/gpu/;
 #   * imaml-5w5s on Rajeswaran et al.'s protocol, new, in results/omniglot/imaml-5w5s (GPU only:
 #     imaml-5w1s takes seconds per meta-iteration on one CPU thread, and 5-shot tasks hold 5x the images);
 #   * maml-20w1s, fomaml-20w1s and imaml-5w1s continued from their committed checkpoints.
@@ -60,7 +60,7 @@ start_or_resume() {  # start_or_resume LOG OUT CONFIG: continue OUT's run, or st
     train "$1" $(protocol "$2" "$3")
   fi
 }
-start_or_resume maml-5w1s-gpu "$runs/gpu/maml-5w1s" "finn_protocol('maml', 5, 1, 'no_batch_norm')"
+start_or_resume maml-5w1s-gpu "$runs/gpu/maml-5w1s" "GPU_RUNS['gpu/maml-5w1s']"
 start_or_resume imaml-5w5s "$runs/imaml-5w5s" "OMNIGLOT_RUNS['imaml-5w5s']"
 for run in maml-20w1s fomaml-20w1s imaml-5w1s; do
   train "$run" --resume "$runs/$run"

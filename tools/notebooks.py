@@ -37,6 +37,7 @@ import yaml
 
 from gbml.notebook import parse_run_description
 from gbml.notebook import source_revision as gbml_source_revision
+from gbml.protocols import committed_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -223,7 +224,8 @@ def reproducibility_table() -> str:
     training = training_runs_table()
     if training:
         text += (
-            "\nThe meta-training runs whose results Chapter 8 meta-tests (`results/omniglot/*/run.json`),"
+            "\nThe meta-training runs whose results Chapter 8 meta-tests (`results/omniglot/*/run.json`, and"
+            " `results/omniglot/gpu/*/run.json` for the runs only a GPU trains),"
             " one row per session of a run:\n\n" + training
         )
     return text
@@ -241,8 +243,8 @@ def training_runs_table() -> str:
         return session.get("batched", "–")
 
     rows = []
-    for path in sorted(RESULTS.glob("*/run.json")):
-        run = json.loads(path.read_text())
+    for name, folder in committed_runs(RESULTS).items():
+        run = json.loads((folder / "run.json").read_text())
         test = run.get("test")
         accuracy = (
             f"{100 * test['mean']:.1f} ± {100 * test['ci95']:.1f}% ({test['tasks']} tasks)" if test else "–"
@@ -250,13 +252,13 @@ def training_runs_table() -> str:
         if run.get("trained_by"):  # meta-tested from another run's training: its sessions are that run's
             training = f"the meta-training of `{run['trained_by']}`"
             total = f"{run['iterations']:,} / {run['tasks_seen']:,}"
-            rows.append([f"`{path.parent.name}`", training, "", "", "", "", "", total, accuracy])
+            rows.append([f"`{name}`", training, "", "", "", "", "", total, accuracy])
             continue
         for i, session in enumerate(run["sessions"]):
             first = i == 0
             rows.append(
                 [
-                    f"`{path.parent.name}`" if first else "",
+                    f"`{name}`" if first else "",
                     session["machine"],
                     f"`{training_path(run, session)}`",
                     f"`{session['torch']}`",
@@ -281,8 +283,8 @@ def training_runs_table() -> str:
         "test accuracy",
     ]
     commands = "\n".join(
-        f"- `{p.parent.name}`: `{json.loads(p.read_text())['command']}`"
-        for p in sorted(RESULTS.glob("*/run.json"))
+        f"- `{name}`: `{json.loads((folder / 'run.json').read_text())['command']}`"
+        for name, folder in committed_runs(RESULTS).items()
     )
     return (
         markdown_table(header, rows)

@@ -30,6 +30,7 @@ of the 100 validation characters every 250 iterations (Reptile's cheaper iterati
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from gbml.training import TrainConfig, reference_inner_lr
 
@@ -195,6 +196,27 @@ OMNIGLOT_RUNS: dict[str, TrainConfig] = (
         for config in (nichol_protocol(ways, shots) for ways, shots in ((5, 1), (5, 5), (20, 1), (20, 5)))
     }
 )
+
+
+#: Runs that only a GPU trains, under ``results/omniglot/gpu/<name>/`` beside the CPU runs: the
+#: paper's protocol exactly and its whole budget, where the CPU run of the same published row differs
+#: or stops short (``tools/gpu_omniglot.sh`` trains them). The name after ``gpu/`` is that row's.
+GPU_RUNS: dict[str, TrainConfig] = {
+    "gpu/maml-5w1s": finn_protocol("maml", 5, 1, "no_batch_norm"),
+}
+
+
+def published_name(name: str) -> str:
+    """The published row a committed run compares with: ``"gpu/maml-5w1s"`` → ``"maml-5w1s"``."""
+    return name.removeprefix("gpu/")
+
+
+def committed_runs(results: str | Path) -> dict[str, Path]:
+    """The runs exported under ``results`` (the book's ``results/omniglot``), by name, sorted: each
+    ``<name>/`` and ``gpu/<name>/`` that holds a run.json (pilots and abandoned runs lie deeper)."""
+    results = Path(results)
+    found = [*results.glob("*/run.json"), *results.glob("gpu/*/run.json")]
+    return dict(sorted((path.parent.relative_to(results).as_posix(), path.parent) for path in found))
 
 
 def smoke_version(config: TrainConfig, iterations: int = 4) -> TrainConfig:
