@@ -22,6 +22,7 @@ from gbml.protocols import (
     OMNIGLOT_RUNS,
     PAPER_ITERATIONS,
     PUBLISHED,
+    REGISTERED_RUNS,
     TARGETS,
     committed_runs,
     published_name,
@@ -32,7 +33,6 @@ from test_omniglot import full_data_or_skip
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "omniglot"
 COMMITTED = list(committed_runs(RESULTS).values())  # the CPU runs, and under gpu/ a GPU's
-REGISTERED = OMNIGLOT_RUNS | GPU_RUNS
 
 
 def run_name(folder: Path) -> str:
@@ -88,7 +88,7 @@ def test_there_are_committed_runs_and_each_follows_its_protocol():
     assert COMMITTED, "no committed run under results/omniglot"
     for folder in COMMITTED:
         summary = json.loads((folder / "run.json").read_text())
-        protocol = asdict(REGISTERED[run_name(folder)])
+        protocol = asdict(REGISTERED_RUNS[run_name(folder)])
         defining = {k: v for k, v in protocol.items() if k not in EXECUTION_OPTIONS}
         # Fields added to TrainConfig after a run was saved take their defaults (what it ran with).
         saved = asdict(TrainConfig.from_dict(summary["config"]))
@@ -362,7 +362,9 @@ def test_the_committed_fine_tuning_choices_are_the_best_on_their_validation_task
 
     record = json.loads((ROOT / "results" / "omniglot" / "pretrained_finetuning.json").read_text())
     settings = {(c["ways"], c["shots"]) for c in record["choices"]}
-    assert settings == {(REGISTERED[run_name(p)].ways, REGISTERED[run_name(p)].shots) for p in COMMITTED}
+    assert settings == {
+        (REGISTERED_RUNS[run_name(p)].ways, REGISTERED_RUNS[run_name(p)].shots) for p in COMMITTED
+    }
     for choice in record["choices"]:
         points = {(v["lr"], v["steps"]): v["mean"] for v in choice["validation"]}
         assert list(points) == FINETUNING_GRIDS[choice["whole_net"]]

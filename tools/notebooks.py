@@ -242,9 +242,12 @@ def training_runs_table() -> str:
             return "in turn (carried state)"
         return session.get("batched", "–")
 
+    runs = {
+        name: json.loads((folder / "run.json").read_text())
+        for name, folder in committed_runs(RESULTS).items()
+    }
     rows = []
-    for name, folder in committed_runs(RESULTS).items():
-        run = json.loads((folder / "run.json").read_text())
+    for name, run in runs.items():
         test = run.get("test")
         accuracy = (
             f"{100 * test['mean']:.1f} ± {100 * test['ci95']:.1f}% ({test['tasks']} tasks)" if test else "–"
@@ -282,10 +285,7 @@ def training_runs_table() -> str:
         "total iterations / tasks seen",
         "test accuracy",
     ]
-    commands = "\n".join(
-        f"- `{name}`: `{json.loads((folder / 'run.json').read_text())['command']}`"
-        for name, folder in committed_runs(RESULTS).items()
-    )
+    commands = "\n".join(f"- `{name}`: `{run['command']}`" for name, run in runs.items())
     return (
         markdown_table(header, rows)
         + "\nThe command that continues each run (for a run meta-tested from another's training: the one"

@@ -205,6 +205,9 @@ GPU_RUNS: dict[str, TrainConfig] = {
     "gpu/maml-5w1s": finn_protocol("maml", 5, 1, "no_batch_norm"),
 }
 
+#: Every registered run's protocol, by the name :func:`committed_runs` gives its folder.
+REGISTERED_RUNS: dict[str, TrainConfig] = OMNIGLOT_RUNS | GPU_RUNS
+
 
 def published_name(name: str) -> str:
     """The published row a committed run compares with: ``"gpu/maml-5w1s"`` → ``"maml-5w1s"``."""
