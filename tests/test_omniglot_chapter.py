@@ -362,9 +362,8 @@ def test_the_committed_fine_tuning_choices_are_the_best_on_their_validation_task
 
     record = json.loads((ROOT / "results" / "omniglot" / "pretrained_finetuning.json").read_text())
     settings = {(c["ways"], c["shots"]) for c in record["choices"]}
-    assert settings == {
-        (REGISTERED_RUNS[run_name(p)].ways, REGISTERED_RUNS[run_name(p)].shots) for p in COMMITTED
-    }
+    protocols = [REGISTERED_RUNS[run_name(folder)] for folder in COMMITTED]
+    assert settings == {(protocol.ways, protocol.shots) for protocol in protocols}
     for choice in record["choices"]:
         points = {(v["lr"], v["steps"]): v["mean"] for v in choice["validation"]}
         assert list(points) == FINETUNING_GRIDS[choice["whole_net"]]

@@ -198,11 +198,14 @@ OMNIGLOT_RUNS: dict[str, TrainConfig] = (
 )
 
 
+#: The folder under ``results/omniglot`` that holds the GPU runs.
+GPU_FOLDER = "gpu"
+
 #: Runs that only a GPU trains, under ``results/omniglot/gpu/<name>/`` beside the CPU runs: the
 #: paper's protocol exactly and its whole budget, where the CPU run of the same published row differs
 #: or stops short (``tools/gpu_omniglot.sh`` trains them). The name after ``gpu/`` is that row's.
 GPU_RUNS: dict[str, TrainConfig] = {
-    "gpu/maml-5w1s": finn_protocol("maml", 5, 1, "no_batch_norm"),
+    f"{GPU_FOLDER}/maml-5w1s": finn_protocol("maml", 5, 1, "no_batch_norm"),
 }
 
 #: Every registered run's protocol, by the name :func:`committed_runs` gives its folder.
@@ -211,14 +214,14 @@ REGISTERED_RUNS: dict[str, TrainConfig] = OMNIGLOT_RUNS | GPU_RUNS
 
 def published_name(name: str) -> str:
     """The published row a committed run compares with: ``"gpu/maml-5w1s"`` → ``"maml-5w1s"``."""
-    return name.removeprefix("gpu/")
+    return name.removeprefix(f"{GPU_FOLDER}/")
 
 
 def committed_runs(results: str | Path) -> dict[str, Path]:
     """The runs exported under ``results`` (the book's ``results/omniglot``), by name, sorted: each
     ``<name>/`` and ``gpu/<name>/`` that holds a run.json (pilots and abandoned runs lie deeper)."""
     results = Path(results)
-    found = [*results.glob("*/run.json"), *results.glob("gpu/*/run.json")]
+    found = [*results.glob("*/run.json"), *results.glob(f"{GPU_FOLDER}/*/run.json")]
     return dict(sorted((path.parent.relative_to(results).as_posix(), path.parent) for path in found))
 
 
