@@ -1,0 +1,121 @@
+"""Pilot: what MAML 20-way 1-shot's plateau is not.
+
+The committed run ``results/omniglot/maml-20w1s`` (Finn et al.'s protocol) has validated at
+89-91.5% for thousands of meta-iterations, where Finn et al. report 95.8%. Two measurements narrow
+down where the missing points are, each written into one JSON file (``--out``, updated in place):
+
+* ``evaluate``: the run's ``final.pt`` on 600 tasks of each split: does it fit tasks of its own
+  meta-training classes better than tasks of new ones (meta-overfitting)? Then on 600 validation
+  tasks with other test-time loops: 10 and 20 inner steps instead of 5, and the inner step halved
+  and doubled: is φ good and only the test-time adaptation short?
+* ``branch``: from a resume checkpoint (``last.pt``) of the run, train on with the outer (Adam) step
+  ten times smaller, everything else, the task stream included, as the run itself continued from
+  that checkpoint; validate on the run's own 200 tasks. If the plateau were the noise of the outer
+  step, the smaller step would lift validation within a few hundred meta-iterations.
+
+    GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py evaluate results/omniglot/maml-20w1s \\
+        --out results/omniglot/pilots/maml-20w1s-plateau.json
+    git show 32d28ab:results/omniglot/maml-20w1s/last.pt > /tmp/from/last.pt   # 26,000
+    GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py branch /tmp/from --scratch /tmp/branch \\
+        --outer-lr 1e-4 --iterations 1000 --out results/omniglot/pilots/maml-20w1s-plateau.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from gbml.notebook import machine_description, source_revision
+from gbml.training import TrainConfig, evaluate, load_checkpoint, train
+
+#: Test-time loops compared with the run's own (5 steps of its inner step), as config changes.
+TEST_LOOPS: dict[str, dict[str, float]] = {
+    "10 steps": {"eval_inner_steps": 10},
+    "20 steps": {"eval_inner_steps": 20},
+    "inner step x0.5": {"inner_lr_factor": 0.5},
+    "inner step x2": {"inner_lr_factor": 2.0},
+}
+
+
+def percent(summary: dict) -> dict[str, float]:
+    return {"mean": round(100 * summary["mean"], 2), "ci95": round(100 * summary["ci95"], 2)}
+
+
+def measure_evaluations(run_dir: Path, tasks: int) -> dict:
+    """Accuracy of the run's final φ on each split, and on validation with other test-time loops."""
+    config, problem, phi = load_checkpoint(run_dir / "final.pt", "cpu")
+    splits = {
+        split: percent(evaluate(config, phi, problem, split=split, num_tasks=tasks))
+        for split in ("train", "val", "test")
+    }
+    loops = {"own loop": splits["val"]}
+    for label, change in TEST_LOOPS.items():
+        factor = change.get("inner_lr_factor", 1.0)
+        steps = change.get("eval_inner_steps", config.eval_inner_steps)  # None: the training steps
+        changed = replace(config, inner_lr=factor * config.inner_lr, eval_inner_steps=steps and int(steps))
+        loops[label] = percent(evaluate(changed, phi, problem, split="val", num_tasks=tasks))
+        print(label, loops[label], flush=True)
+    iteration = json.loads((run_dir / "run.json").read_text())["iterations"]
+    return {"iteration": iteration, "tasks": tasks, "splits": splits, "val_test_loops": loops}
+
+
+def measure_branch(from_dir: Path, scratch: Path, outer_lr: float, iterations: int) -> dict:
+    """Train on from ``from_dir/last.pt`` with outer step ``outer_lr`` for ``iterations``."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    if not (scratch / "last.pt").exists():
+        # The branch is the run's own checkpoint with another outer step: model, Adam moments and
+        # task generator as saved, so it draws the tasks the run itself drew after that point.
+        state = torch.load(from_dir / "last.pt", map_location="cpu", weights_only=True)
+        state["config"]["outer_lr"] = outer_lr
+        torch.save(state, scratch / "last.pt")
+        (scratch / "fork.json").write_text(json.dumps({"from_iteration": state["iteration"]}))
+    begin = json.loads((scratch / "fork.json").read_text())["from_iteration"]
+    state = torch.load(scratch / "last.pt", map_location="cpu", weights_only=True)
+    config = replace(TrainConfig.from_dict(state["config"]), iterations=begin + iterations)
+    clock = time.perf_counter()
+    history = train(config, scratch, resume=True, progress=False, log=sys.stdout)
+    return {
+        "from_iteration": begin,
+        "outer_lr": outer_lr,
+        "iterations": iterations,
+        "val": [
+            {"iteration": v["iteration"], **percent(v)} for v in history["val"] if v["iteration"] > begin
+        ],
+        "elapsed_s": round(time.perf_counter() - clock, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=("evaluate", "branch"))
+    parser.add_argument(
+        "run_dir", type=Path, help="evaluate: the run's folder; branch: a folder with its last.pt"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the JSON file to write or update")
+    parser.add_argument("--tasks", type=int, default=600, help="evaluate: tasks per measurement")
+    parser.add_argument("--scratch", type=Path, help="branch: where the branch trains (resumable)")
+    parser.add_argument("--outer-lr", type=float, default=1e-4, help="branch: its outer step")
+    parser.add_argument("--iterations", type=int, default=1000, help="branch: meta-iterations to train")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # beside a training run on a 2-core machine
+    record = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.part == "evaluate":
+        record["evaluate"] = measure_evaluations(args.run_dir, args.tasks)
+    else:
+        if args.scratch is None:
+            parser.error("branch needs --scratch")
+        record["branch"] = measure_branch(args.run_dir, args.scratch, args.outer_lr, args.iterations)
+    record.setdefault("machines", {})[args.part] = machine_description(torch.device("cpu"))
+    record.setdefault("sources", {})[args.part] = source_revision()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
