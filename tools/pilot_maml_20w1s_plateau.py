@@ -12,12 +12,18 @@ down where the missing points are, each written into one JSON file (``--out``, u
   ten times smaller, everything else, the task stream included, as the run itself continued from
   that checkpoint; validate on the run's own 200 tasks. If the plateau were the noise of the outer
   step, the smaller step would lift validation within a few hundred meta-iterations.
+* ``compare``: the branch's checkpoint and the run's own at the same meta-iteration, on the same
+  600 validation tasks: the mean of the per-task differences with its 95% CI (tighter than the
+  two accuracies' CIs, as both score the very same tasks).
 
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py evaluate results/omniglot/maml-20w1s \\
         --out results/omniglot/pilots/maml-20w1s-plateau.json
     git show 32d28ab:results/omniglot/maml-20w1s/last.pt > /tmp/from/last.pt   # 26,000
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py branch /tmp/from --scratch /tmp/branch \\
         --outer-lr 1e-4 --iterations 2000 --out results/omniglot/pilots/maml-20w1s-plateau.json
+    # with a copy of the run's last.pt taken when it validated at 28,000, as the branch did:
+    GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py compare /tmp/branch/last.pt \
+        --against /tmp/run-28000/last.pt --out results/omniglot/pilots/maml-20w1s-plateau.json
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 import torch
 
 from gbml.notebook import machine_description, source_revision
-from gbml.training import TrainConfig, evaluate, load_checkpoint, train
+from gbml.training import TrainConfig, evaluate, load_checkpoint, mean_and_ci95, train
 
 #: Test-time loops compared with the run's own (5 steps of its inner step), as config changes.
 TEST_LOOPS: dict[str, dict[str, float]] = {
@@ -91,14 +97,37 @@ def measure_branch(from_dir: Path, scratch: Path, outer_lr: float, iterations: i
     }
 
 
+def measure_comparison(branch: Path, run: Path, tasks: int) -> dict:
+    """The branch's and the run's checkpoints at one meta-iteration on the same validation tasks."""
+    scored = {}
+    for label, path in (("branch", branch), ("run", run)):
+        config, problem, phi = load_checkpoint(path, "cpu")
+        iteration = torch.load(path, map_location="cpu", weights_only=True)["iteration"]
+        summary = evaluate(config, phi, problem, split="val", num_tasks=tasks, per_task=True)
+        scored[label] = {"iteration": iteration, "outer_lr": config.outer_lr, **percent(summary)}
+        scored[label]["per_task"] = torch.tensor(summary["per_task"])
+    if scored["branch"]["iteration"] != scored["run"]["iteration"]:
+        raise ValueError(
+            f"compare needs checkpoints at the same meta-iteration, got {scored['branch']['iteration']} "
+            f"(branch) and {scored['run']['iteration']} (run)"
+        )
+    mean, ci95 = mean_and_ci95(scored["branch"].pop("per_task") - scored["run"].pop("per_task"))
+    return {
+        **scored,
+        "tasks": tasks,
+        "difference": {"mean": round(100 * mean, 2), "ci95": round(100 * ci95, 2)},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("evaluate", "branch"))
+    parser.add_argument("part", choices=("evaluate", "branch", "compare"))
     parser.add_argument(
         "run_dir", type=Path, help="evaluate: the run's folder; branch: a folder with its last.pt"
     )
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write or update")
-    parser.add_argument("--tasks", type=int, default=600, help="evaluate: tasks per measurement")
+    parser.add_argument("--tasks", type=int, default=600, help="evaluate, compare: tasks per measurement")
+    parser.add_argument("--against", type=Path, help="compare: the run's checkpoint at the branch's end")
     parser.add_argument("--scratch", type=Path, help="branch: where the branch trains (resumable)")
     parser.add_argument("--outer-lr", type=float, default=1e-4, help="branch: its outer step")
     parser.add_argument("--iterations", type=int, default=2000, help="branch: meta-iterations from the fork")
@@ -107,10 +136,14 @@ def main() -> None:
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.part == "evaluate":
         record["evaluate"] = measure_evaluations(args.run_dir, args.tasks)
-    else:
+    elif args.part == "branch":
         if args.scratch is None:
             parser.error("branch needs --scratch")
         record["branch"] = measure_branch(args.run_dir, args.scratch, args.outer_lr, args.iterations)
+    else:
+        if args.against is None:
+            parser.error("compare needs --against")
+        record["compare"] = measure_comparison(args.run_dir, args.against, args.tasks)
     record.setdefault("machines", {})[args.part] = machine_description(torch.device("cpu"))
     record.setdefault("sources", {})[args.part] = source_revision()
     args.out.parent.mkdir(parents=True, exist_ok=True)
