@@ -1,8 +1,9 @@
-"""Pilot: what MAML 20-way 1-shot's plateau is not.
+"""Pilot: three explanations of MAML 20-way 1-shot's plateau, measured.
 
 The committed run ``results/omniglot/maml-20w1s`` (Finn et al.'s protocol) has validated at
-89-91.5% for thousands of meta-iterations, where Finn et al. report 95.8%. Two measurements narrow
-down where the missing points are, each written into one JSON file (``--out``, updated in place):
+89-92% for thousands of meta-iterations, where Finn et al. report 95.8%. Three measurements narrow
+down where the missing points are, each written into one JSON file (``--out``, updated in place);
+chapter 8 (§8.6) prints them and asserts what it says of them:
 
 * ``evaluate``: the run's ``final.pt`` on 600 tasks of each split: does it fit tasks of its own
   meta-training classes better than tasks of new ones (meta-overfitting)? Then on 600 validation
@@ -22,7 +23,7 @@ down where the missing points are, each written into one JSON file (``--out``, u
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py branch /tmp/from --scratch /tmp/branch \\
         --outer-lr 1e-4 --iterations 2000 --out results/omniglot/pilots/maml-20w1s-plateau.json
     # with a copy of the run's last.pt taken when it validated at 28,000, as the branch did:
-    GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py compare /tmp/branch/last.pt \
+    GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py compare /tmp/branch/last.pt \\
         --against /tmp/run-28000/last.pt --out results/omniglot/pilots/maml-20w1s-plateau.json
 """
 
