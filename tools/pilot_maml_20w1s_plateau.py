@@ -40,12 +40,13 @@ import torch
 from gbml.notebook import machine_description, source_revision
 from gbml.training import TrainConfig, evaluate, load_checkpoint, mean_and_ci95, train
 
-#: Test-time loops compared with the run's own (5 steps of its inner step), as config changes.
-TEST_LOOPS: dict[str, dict[str, float]] = {
-    "10 steps": {"eval_inner_steps": 10},
-    "20 steps": {"eval_inner_steps": 20},
-    "inner step x0.5": {"inner_lr_factor": 0.5},
-    "inner step x2": {"inner_lr_factor": 2.0},
+#: Test-time loops compared with the run's own, as (inner steps, factor on the inner step);
+#: None keeps the run's own number of steps.
+TEST_LOOPS: dict[str, tuple[int | None, float]] = {
+    "10 steps": (10, 1.0),
+    "20 steps": (20, 1.0),
+    "inner step x0.5": (None, 0.5),
+    "inner step x2": (None, 2.0),
 }
 
 
@@ -61,10 +62,10 @@ def measure_evaluations(run_dir: Path, tasks: int) -> dict:
         for split in ("train", "val", "test")
     }
     loops = {"own loop": splits["val"]}
-    for label, change in TEST_LOOPS.items():
-        factor = change.get("inner_lr_factor", 1.0)
-        steps = change.get("eval_inner_steps", config.eval_inner_steps)  # None: the training steps
-        changed = replace(config, inner_lr=factor * config.inner_lr, eval_inner_steps=steps and int(steps))
+    for label, (steps, factor) in TEST_LOOPS.items():
+        changed = replace(
+            config, inner_lr=factor * config.inner_lr, eval_inner_steps=steps or config.eval_inner_steps
+        )
         loops[label] = percent(evaluate(changed, phi, problem, split="val", num_tasks=tasks))
         print(label, loops[label], flush=True)
     iteration = json.loads((run_dir / "run.json").read_text())["iterations"]
@@ -116,7 +117,7 @@ def measure_comparison(branch: Path, run: Path, tasks: int) -> dict:
     return {
         **scored,
         "tasks": tasks,
-        "difference": {"mean": round(100 * mean, 2), "ci95": round(100 * ci95, 2)},
+        "difference": percent({"mean": mean, "ci95": ci95}),
     }
 
 
@@ -124,7 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=("evaluate", "branch", "compare"))
     parser.add_argument(
-        "run_dir", type=Path, help="evaluate: the run's folder; branch: a folder with its last.pt"
+        "run_dir",
+        type=Path,
+        help="evaluate: the run's folder; branch: a folder with its last.pt; compare: the branch's last.pt",
     )
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write or update")
     parser.add_argument("--tasks", type=int, default=600, help="evaluate, compare: tasks per measurement")
