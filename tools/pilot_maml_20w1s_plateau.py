@@ -1,8 +1,9 @@
-"""Pilot: three explanations of MAML 20-way 1-shot's plateau, measured.
+"""Pilot: explanations of MAML 20-way 1-shot's plateau, measured.
 
 The committed run ``results/omniglot/maml-20w1s`` (Finn et al.'s protocol) has validated at
 89-92% for thousands of meta-iterations, where Finn et al. report 95.8%. Three measurements narrow
-down where the missing points are, each written into one JSON file (``--out``, updated in place);
+down where the missing points are, and a fourth asks whether averaging φ closes them, each written
+into one JSON file (``--out``, updated in place);
 chapter 8 (§8.6) prints them and asserts what it says of them:
 
 * ``evaluate``: the run's ``final.pt`` on 600 tasks of each split: does it fit tasks of its own
@@ -16,6 +17,10 @@ chapter 8 (§8.6) prints them and asserts what it says of them:
 * ``compare``: the branch's checkpoint and the run's own at the same meta-iteration, on the same
   600 validation tasks: the mean of the per-task differences with its 95% CI (tighter than the
   two accuracies' CIs, as both score the very same tasks).
+* ``average``: several of the run's checkpoints and the mean of their meta-parameters (a Polyak
+  average), on the same 600 validation tasks. The spread of the checkpoints' accuracies is the
+  run's swing from checkpoint to checkpoint; the average against the latest checkpoint, paired,
+  says whether φ wanders around a better point that no single checkpoint reaches.
 
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py evaluate results/omniglot/maml-20w1s \\
         --out results/omniglot/pilots/maml-20w1s-plateau.json
@@ -25,6 +30,11 @@ chapter 8 (§8.6) prints them and asserts what it says of them:
     # with a copy of the run's last.pt taken when it validated at 28,000, as the branch did:
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py compare /tmp/branch/last.pt \\
         --against /tmp/run-28000/last.pt --out results/omniglot/pilots/maml-20w1s-plateau.json
+    # the run's committed checkpoints, oldest first (git log -- results/omniglot/maml-20w1s/last.pt):
+    for c in 20d4d1f 47fce4a 4f7a86b 32d28ab 7f9ceef; do
+        git show $c:results/omniglot/maml-20w1s/last.pt > /tmp/committed/$c.pt; done
+    GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py average /tmp/committed/*.pt \\
+        results/omniglot/maml-20w1s/final.pt --out results/omniglot/pilots/maml-20w1s-plateau.json
 """
 
 from __future__ import annotations
@@ -38,7 +48,14 @@ from pathlib import Path
 import torch
 
 from gbml.notebook import machine_description, source_revision
-from gbml.training import TrainConfig, evaluate, load_checkpoint, mean_and_ci95, train
+from gbml.training import (
+    TrainConfig,
+    defining_differences,
+    evaluate,
+    load_checkpoint,
+    mean_and_ci95,
+    train,
+)
 
 #: Test-time loops compared with the run's own, as (inner steps, factor on the inner step);
 #: None keeps the run's own number of steps.
@@ -121,21 +138,68 @@ def measure_comparison(branch: Path, run: Path, tasks: int) -> dict:
     }
 
 
+def measure_average(checkpoints: list[Path], tasks: int) -> dict:
+    """Each checkpoint, and the mean of their meta-parameters, on the same validation tasks."""
+    states = [torch.load(path, map_location="cpu", weights_only=True) for path in checkpoints]
+    states.sort(key=lambda state: state["iteration"])
+    iterations = [state["iteration"] for state in states]
+    if len(set(iterations)) < len(iterations):
+        raise ValueError(f"average needs checkpoints at distinct meta-iterations, got {iterations}")
+    for state in states[1:]:
+        if defining_differences(states[0]["config"], state["config"]):
+            raise ValueError("average needs checkpoints of one run; these differ in their configuration")
+    config, problem, phi = load_checkpoint(checkpoints[0], "cpu")  # only its model is replaced
+
+    def scored(model_state: dict[str, torch.Tensor]) -> dict:
+        problem.model.load_state_dict(model_state)
+        return evaluate(config, phi, problem, split="val", num_tasks=tasks, per_task=True)
+
+    each = []
+    for state in states:
+        summary = scored(state["model"])
+        each.append({"iteration": state["iteration"], **percent(summary), "per_task": summary["per_task"]})
+        print(each[-1]["iteration"], each[-1]["mean"], flush=True)
+    # averaged in float64, so the mean does not depend on the order of the checkpoints
+    mean_state = {
+        name: torch.stack([state["model"][name].double() for state in states]).mean(0).float()
+        for name in states[0]["model"]
+    }
+    average = scored(mean_state)
+    latest = torch.tensor(each[-1]["per_task"])
+    mean, ci95 = mean_and_ci95(torch.tensor(average["per_task"]) - latest)
+    accuracies = torch.tensor([checkpoint["mean"] for checkpoint in each])
+    for checkpoint in each:
+        del checkpoint["per_task"]
+    return {
+        "tasks": tasks,
+        "checkpoints": each,
+        "spread": {"min": float(accuracies.min()), "max": float(accuracies.max())},
+        "average": percent(average),
+        "difference_from_latest": percent({"mean": mean, "ci95": ci95}),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("evaluate", "branch", "compare"))
+    parser.add_argument("part", choices=("evaluate", "branch", "compare", "average"))
     parser.add_argument(
         "run_dir",
         type=Path,
-        help="evaluate: the run's folder; branch: a folder with its last.pt; compare: the branch's last.pt",
+        help="evaluate: the run's folder; branch: a folder with its last.pt; compare: the branch's last.pt; "
+        "average: the first checkpoint",
     )
+    parser.add_argument("more", type=Path, nargs="*", help="average: the other checkpoints")
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write or update")
-    parser.add_argument("--tasks", type=int, default=600, help="evaluate, compare: tasks per measurement")
+    parser.add_argument(
+        "--tasks", type=int, default=600, help="evaluate, compare, average: tasks per measurement"
+    )
     parser.add_argument("--against", type=Path, help="compare: the run's checkpoint at the branch's end")
     parser.add_argument("--scratch", type=Path, help="branch: where the branch trains (resumable)")
     parser.add_argument("--outer-lr", type=float, default=1e-4, help="branch: its outer step")
     parser.add_argument("--iterations", type=int, default=2000, help="branch: meta-iterations from the fork")
     args = parser.parse_args()
+    if args.more and args.part != "average":
+        parser.error(f"{args.part} takes one path")
     torch.set_num_threads(1)  # beside a training run on a 2-core machine
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.part == "evaluate":
@@ -144,10 +208,14 @@ def main() -> None:
         if args.scratch is None:
             parser.error("branch needs --scratch")
         record["branch"] = measure_branch(args.run_dir, args.scratch, args.outer_lr, args.iterations)
-    else:
+    elif args.part == "compare":
         if args.against is None:
             parser.error("compare needs --against")
         record["compare"] = measure_comparison(args.run_dir, args.against, args.tasks)
+    else:
+        if not args.more:
+            parser.error("average needs at least two checkpoints")
+        record["average"] = measure_average([args.run_dir, *args.more], args.tasks)
     record.setdefault("machines", {})[args.part] = machine_description(torch.device("cpu"))
     record.setdefault("sources", {})[args.part] = source_revision()
     args.out.parent.mkdir(parents=True, exist_ok=True)
