@@ -3,8 +3,8 @@
 The committed run ``results/omniglot/maml-20w1s`` (Finn et al.'s protocol) has validated at
 89-92% for thousands of meta-iterations, where Finn et al. report 95.8%. Three measurements narrow
 down where the missing points are, and a fourth asks whether averaging φ closes them, each written
-into one JSON file (``--out``, updated in place);
-chapter 8 (§8.6) prints them and asserts what it says of them:
+into one JSON file (``--out``, updated in place); chapter 8 (§8.6) prints them and asserts what it
+says of them:
 
 * ``evaluate``: the run's ``final.pt`` on 600 tasks of each split: does it fit tasks of its own
   meta-training classes better than tasks of new ones (meta-overfitting)? Then on 600 validation
@@ -17,10 +17,13 @@ chapter 8 (§8.6) prints them and asserts what it says of them:
 * ``compare``: the branch's checkpoint and the run's own at the same meta-iteration, on the same
   600 validation tasks: the mean of the per-task differences with its 95% CI (tighter than the
   two accuracies' CIs, as both score the very same tasks).
-* ``average``: several of the run's checkpoints and the mean of their meta-parameters (a Polyak
-  average), on the same 600 validation tasks. The spread of the checkpoints' accuracies is the
-  run's swing from checkpoint to checkpoint; the average against the latest checkpoint, paired,
-  says whether φ wanders around a better point that no single checkpoint reaches.
+* ``snapshot``: a copy of the run's ``last.pt``, taken each time it checkpoints, stripped to what
+  ``load_checkpoint`` needs (a few hundred KB), as ``<meta-iteration>.pt`` in a folder.
+* ``average``: consecutive checkpoints of the run and the mean of their meta-parameters (a Polyak
+  average), on the same 600 validation tasks: how far accuracy swings from one checkpoint to the
+  next, and whether φ wanders around a better point that no single checkpoint reaches (the average
+  against the latest and the best checkpoint, paired). The average and the latest checkpoint are
+  then scored on the 600 test tasks of ``run.json``.
 
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py evaluate results/omniglot/maml-20w1s \\
         --out results/omniglot/pilots/maml-20w1s-plateau.json
@@ -30,16 +33,18 @@ chapter 8 (§8.6) prints them and asserts what it says of them:
     # with a copy of the run's last.pt taken when it validated at 28,000, as the branch did:
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py compare /tmp/branch/last.pt \\
         --against /tmp/run-28000/last.pt --out results/omniglot/pilots/maml-20w1s-plateau.json
-    # the run's committed checkpoints, oldest first (git log -- results/omniglot/maml-20w1s/last.pt):
-    for c in 20d4d1f 47fce4a 4f7a86b 32d28ab 7f9ceef; do
-        git show $c:results/omniglot/maml-20w1s/last.pt > /tmp/committed/$c.pt; done
-    GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py average /tmp/committed/*.pt \\
-        results/omniglot/maml-20w1s/final.pt --out results/omniglot/pilots/maml-20w1s-plateau.json
+    # while the run trains on, after each checkpoint (every 250 meta-iterations):
+    python tools/pilot_maml_20w1s_plateau.py snapshot results/omniglot/maml-20w1s/last.pt \\
+        --out results/omniglot/pilots/maml-20w1s-checkpoints
+    GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py average \\
+        results/omniglot/pilots/maml-20w1s-checkpoints/*.pt \\
+        --out results/omniglot/pilots/maml-20w1s-plateau.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from dataclasses import replace
@@ -116,30 +121,31 @@ def measure_branch(from_dir: Path, scratch: Path, outer_lr: float, iterations: i
     }
 
 
+def paired(ours: dict, theirs: dict) -> dict[str, float]:
+    """Mean per-task difference of two evaluations on the same tasks, with its 95% half-width."""
+    mean, ci95 = mean_and_ci95(torch.tensor(ours["per_task"]) - torch.tensor(theirs["per_task"]))
+    return percent({"mean": mean, "ci95": ci95})
+
+
 def measure_comparison(branch: Path, run: Path, tasks: int) -> dict:
     """The branch's and the run's checkpoints at one meta-iteration on the same validation tasks."""
-    scored = {}
+    scored, summaries = {}, {}
     for label, path in (("branch", branch), ("run", run)):
         config, problem, phi = load_checkpoint(path, "cpu")
         iteration = torch.load(path, map_location="cpu", weights_only=True)["iteration"]
-        summary = evaluate(config, phi, problem, split="val", num_tasks=tasks, per_task=True)
-        scored[label] = {"iteration": iteration, "outer_lr": config.outer_lr, **percent(summary)}
-        scored[label]["per_task"] = torch.tensor(summary["per_task"])
+        summaries[label] = evaluate(config, phi, problem, split="val", num_tasks=tasks, per_task=True)
+        scored[label] = {"iteration": iteration, "outer_lr": config.outer_lr, **percent(summaries[label])}
     if scored["branch"]["iteration"] != scored["run"]["iteration"]:
         raise ValueError(
             f"compare needs checkpoints at the same meta-iteration, got {scored['branch']['iteration']} "
             f"(branch) and {scored['run']['iteration']} (run)"
         )
-    mean, ci95 = mean_and_ci95(scored["branch"].pop("per_task") - scored["run"].pop("per_task"))
-    return {
-        **scored,
-        "tasks": tasks,
-        "difference": percent({"mean": mean, "ci95": ci95}),
-    }
+    return {**scored, "tasks": tasks, "difference": paired(summaries["branch"], summaries["run"])}
 
 
 def measure_average(checkpoints: list[Path], tasks: int) -> dict:
-    """Each checkpoint, and the mean of their meta-parameters, on the same validation tasks."""
+    """Each checkpoint and the mean of their meta-parameters on the same validation tasks; the mean
+    and the latest checkpoint also on the test tasks (the ones ``run.json``'s test scores)."""
     states = [torch.load(path, map_location="cpu", weights_only=True) for path in checkpoints]
     states.sort(key=lambda state: state["iteration"])
     iterations = [state["iteration"] for state in states]
@@ -150,46 +156,67 @@ def measure_average(checkpoints: list[Path], tasks: int) -> dict:
             raise ValueError("average needs checkpoints of one run; these differ in their configuration")
     config, problem, phi = load_checkpoint(checkpoints[0], "cpu")  # only its model is replaced
 
-    def scored(model_state: dict[str, torch.Tensor]) -> dict:
+    def scored(model_state: dict[str, torch.Tensor], split: str) -> dict:
         problem.model.load_state_dict(model_state)
-        return evaluate(config, phi, problem, split="val", num_tasks=tasks, per_task=True)
+        return evaluate(config, phi, problem, split=split, num_tasks=tasks, per_task=True)
 
-    each = []
-    for state in states:
-        summary = scored(state["model"])
-        each.append({"iteration": state["iteration"], **percent(summary), "per_task": summary["per_task"]})
-        print(each[-1]["iteration"], each[-1]["mean"], flush=True)
+    each = [scored(state["model"], "val") for state in states]
+    for iteration, summary in zip(iterations, each):
+        print(iteration, percent(summary), flush=True)
     # averaged in float64, so the mean does not depend on the order of the checkpoints
     mean_state = {
         name: torch.stack([state["model"][name].double() for state in states]).mean(0).float()
         for name in states[0]["model"]
     }
-    average = scored(mean_state)
-    latest = torch.tensor(each[-1]["per_task"])
-    mean, ci95 = mean_and_ci95(torch.tensor(average["per_task"]) - latest)
-    accuracies = torch.tensor([checkpoint["mean"] for checkpoint in each])
-    for checkpoint in each:
-        del checkpoint["per_task"]
+    average, latest = scored(mean_state, "val"), each[-1]
+    best = max(each, key=lambda summary: summary["mean"])  # chosen on these tasks: flatters it
+    steps = [abs(b["mean"] - a["mean"]) for a, b in itertools.pairwise(each)]
+    average_test, latest_test = scored(mean_state, "test"), scored(states[-1]["model"], "test")
     return {
         "tasks": tasks,
-        "checkpoints": each,
-        "spread": {"min": float(accuracies.min()), "max": float(accuracies.max())},
-        "average": percent(average),
-        "difference_from_latest": percent({"mean": mean, "ci95": ci95}),
+        "val": {
+            "checkpoints": [
+                {"iteration": iteration, **percent(summary)} for iteration, summary in zip(iterations, each)
+            ],
+            "largest_change_between_consecutive": round(100 * max(steps), 2),
+            "average": percent(average),
+            "average_minus_latest": paired(average, latest),
+            "average_minus_best": paired(average, best),
+        },
+        "test": {
+            "latest": percent(latest_test),
+            "average": percent(average_test),
+            "average_minus_latest": paired(average_test, latest_test),
+        },
     }
+
+
+def strip_to_snapshot(last: Path, folder: Path) -> Path:
+    """``last.pt`` without optimizer state or history (what ``load_checkpoint`` needs), saved as
+    ``folder/<meta-iteration>.pt``: a few hundred KB a checkpoint, small enough to commit."""
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{state['iteration']}.pt"
+    torch.save({key: state[key] for key in ("config", "iteration", "model")}, path)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("evaluate", "branch", "compare", "average"))
+    parser.add_argument("part", choices=("evaluate", "branch", "compare", "average", "snapshot"))
     parser.add_argument(
         "run_dir",
         type=Path,
         help="evaluate: the run's folder; branch: a folder with its last.pt; compare: the branch's last.pt; "
-        "average: the first checkpoint",
+        "average: the first checkpoint; snapshot: the run's last.pt",
     )
     parser.add_argument("more", type=Path, nargs="*", help="average: the other checkpoints")
-    parser.add_argument("--out", type=Path, required=True, help="the JSON file to write or update")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the JSON file to write or update (snapshot: the folder to save in)",
+    )
     parser.add_argument(
         "--tasks", type=int, default=600, help="evaluate, compare, average: tasks per measurement"
     )
@@ -200,6 +227,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.more and args.part != "average":
         parser.error(f"{args.part} takes one path")
+    if args.part == "snapshot":
+        print(strip_to_snapshot(args.run_dir, args.out), "written")
+        return
     torch.set_num_threads(1)  # beside a training run on a 2-core machine
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.part == "evaluate":
