@@ -1,7 +1,7 @@
 """Pilot: explanations of MAML 20-way 1-shot's plateau, measured.
 
 The committed run ``results/omniglot/maml-20w1s`` (Finn et al.'s protocol) has validated at
-89-92% for thousands of meta-iterations, where Finn et al. report 95.8%. Three measurements narrow
+about 91% for thousands of meta-iterations, where Finn et al. report 95.8%. Three measurements narrow
 down where the missing points are, and a fourth asks whether averaging φ closes them, each written
 into one JSON file (``--out``, updated in place); chapter 8 (§8.6) prints them and asserts what it
 says of them:
@@ -154,7 +154,8 @@ def measure_average(checkpoints: list[Path], tasks: int) -> dict:
     for state in states[1:]:
         if defining_differences(states[0]["config"], state["config"]):
             raise ValueError("average needs checkpoints of one run; these differ in their configuration")
-    config, problem, phi = load_checkpoint(checkpoints[0], "cpu")  # only its model is replaced
+    # phi holds the model's own parameter tensors, so loading a state into the model replaces it
+    config, problem, phi = load_checkpoint(checkpoints[0], "cpu")
 
     def scored(model_state: dict[str, torch.Tensor], split: str) -> dict:
         problem.model.load_state_dict(model_state)
