@@ -59,6 +59,8 @@ from gbml.training import (
     evaluate,
     load_checkpoint,
     mean_and_ci95,
+    meta_learned_state,
+    save_checkpoint,
     train,
 )
 
@@ -193,12 +195,11 @@ def measure_average(checkpoints: list[Path], tasks: int) -> dict:
 
 
 def strip_to_snapshot(last: Path, folder: Path) -> Path:
-    """``last.pt`` without optimizer state or history (what ``load_checkpoint`` needs), saved as
-    ``folder/<meta-iteration>.pt``: a few hundred KB a checkpoint, small enough to commit."""
+    """``last.pt`` as ``export`` strips it for ``final.pt`` (:func:`gbml.training.meta_learned_state`),
+    saved as ``folder/<meta-iteration>.pt``: a few hundred KB a checkpoint, small enough to commit."""
     state = torch.load(last, map_location="cpu", weights_only=True)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{state['iteration']}.pt"
-    torch.save({key: state[key] for key in ("config", "iteration", "model")}, path)
+    save_checkpoint(path, meta_learned_state(state))
     return path
 
 

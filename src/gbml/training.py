@@ -776,6 +776,14 @@ def train_command(config: TrainConfig, out: str | Path) -> str:
     return f"python -m gbml train {' '.join(options)} --out {out}"
 
 
+def meta_learned_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A resume checkpoint (``last.pt``) less its optimizer state and history: the configuration,
+    meta-iteration and meta-parameters that :func:`load_checkpoint` needs, a few hundred KB."""
+    # The carried inner Adam state (if any) is part of the meta-learned result: evaluation starts from it.
+    kept = ("config", "iteration", "model", "inner_state")
+    return {key: state[key] for key in kept if key in state}
+
+
 def export_run(run_dir: str | Path, *, test_tasks: int = 600, device: str = "cpu") -> dict[str, Any]:
     """Write a run's shareable results beside its checkpoints, and return the summary.
 
@@ -793,12 +801,7 @@ def export_run(run_dir: str | Path, *, test_tasks: int = 600, device: str = "cpu
         raise FileNotFoundError(f"no checkpoint at {last}: train the run first")
     state = torch.load(last, map_location="cpu", weights_only=True)
     config, history, iteration = TrainConfig.from_dict(state["config"]), state["history"], state["iteration"]
-    # The carried inner Adam state (if any) is part of the meta-learned result: evaluation starts from it.
-    save_checkpoint(
-        run_dir / "final.pt",
-        {"config": state["config"], "iteration": iteration, "model": state["model"]}
-        | ({"inner_state": state["inner_state"]} if "inner_state" in state else {}),
-    )
+    save_checkpoint(run_dir / "final.pt", meta_learned_state(state))
     train_losses, bins, start = [v["query_loss"] for v in history["train"]], [], 0
     for val in history["val"]:
         window = train_losses[start : val["iteration"]]
