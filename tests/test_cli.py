@@ -501,6 +501,25 @@ def test_export_writes_final_parameters_and_a_run_summary(tmp_path, capsys):
         training.export_run(tmp_path / "nothing")
 
 
+def test_a_run_in_training_is_summarised_as_its_export_will_record_it(tmp_path, capsys):
+    out, quiet = tmp_path / "run", ["--no-progress", "--test-tasks", "0"]
+    assert main(["train", *TINY, "--iterations", "20", "--out", str(out), *quiet]) == 0
+    before = sorted(path.name for path in out.iterdir())
+    halfway = training.training_summary(out)
+    assert sorted(path.name for path in out.iterdir()) == before  # it writes nothing
+    assert halfway["iterations"] == 20 and halfway["tasks_seen"] == 20 * TrainConfig().meta_batch
+    assert [v["iteration"] for v in halfway["val"]] == [10, 20] and "test" not in halfway
+    assert main(["train", "--resume", str(out), "--iterations", "30", *quiet]) == 0
+    capsys.readouterr()
+    later = training.training_summary(out)
+    assert later["iterations"] == 30 and later["val"][:2] == halfway["val"]
+    assert [(s["from_iteration"], s["to_iteration"]) for s in later["sessions"]] == [(0, 20), (20, 30)]
+    exported = training.export_run(out, test_tasks=5)
+    assert {k: v for k, v in exported.items() if k != "test"} == later
+    with pytest.raises(FileNotFoundError, match="train the run first"):
+        training.training_summary(tmp_path / "nothing")
+
+
 def test_reptile_with_outer_sgd_of_step_one_moves_phi_to_theta(tmp_path):
     """Nichol et al.'s outer update: φ ← φ + ε (θ_t − φ) is SGD of step ε on Δ_t = φ − θ_t; with
     ε = 1 and one task, φ becomes θ_t, computed here by hand from the same task."""

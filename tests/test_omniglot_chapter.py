@@ -26,6 +26,7 @@ from gbml.protocols import (
     TARGETS,
     committed_runs,
     published_name,
+    runs_in_training,
 )
 from gbml.training import EXECUTION_OPTIONS, TrainConfig, evaluate, load_checkpoint
 from test_omniglot import full_data_or_skip
@@ -390,7 +391,15 @@ def test_committed_runs_are_the_exported_runs_and_the_gpus_not_pilots_or_abandon
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "run.json").write_text("{}")
     (tmp_path / "fomaml-5w1s").mkdir()  # still training: no run.json yet
+    for folder in ("fomaml-5w1s", "gpu/imaml-5w5s", "maml-5w1s", "pilots/reptile-lr0.1"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / "last.pt").write_bytes(b"")
     assert committed_runs(tmp_path) == {
         "gpu/maml-5w1s": tmp_path / "gpu" / "maml-5w1s",
         "maml-5w1s": tmp_path / "maml-5w1s",
+    }
+    # started, not exported: a last.pt without run.json (maml-5w1s is exported, the pilot is deeper)
+    assert runs_in_training(tmp_path) == {
+        "fomaml-5w1s": tmp_path / "fomaml-5w1s",
+        "gpu/imaml-5w5s": tmp_path / "gpu" / "imaml-5w5s",
     }

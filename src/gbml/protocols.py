@@ -225,6 +225,21 @@ def committed_runs(results: str | Path) -> dict[str, Path]:
     return dict(sorted((path.parent.relative_to(results).as_posix(), path.parent) for path in found))
 
 
+def runs_in_training(results: str | Path) -> dict[str, Path]:
+    """The runs under ``results`` that have started but are not exported yet, by name, sorted: each
+    ``<name>/`` and ``gpu/<name>/`` that holds a last.pt and no run.json
+    (:func:`gbml.training.training_summary` says how far one got)."""
+    results = Path(results)
+    found = [*results.glob("*/last.pt"), *results.glob(f"{GPU_FOLDER}/*/last.pt")]
+    return dict(
+        sorted(
+            (path.parent.relative_to(results).as_posix(), path.parent)
+            for path in found
+            if not (path.parent / "run.json").exists()
+        )
+    )
+
+
 def smoke_version(config: TrainConfig, iterations: int = 4) -> TrainConfig:
     """The same protocol at a tiny size, for tests and the chapter's smoke run."""
     return replace(config, iterations=iterations, validate_every=2, validation_tasks=4, meta_batch=2)

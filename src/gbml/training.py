@@ -784,30 +784,31 @@ def meta_learned_state(state: dict[str, Any]) -> dict[str, Any]:
     return {key: state[key] for key in kept if key in state}
 
 
-def export_run(run_dir: str | Path, *, test_tasks: int = 600, device: str = "cpu") -> dict[str, Any]:
-    """Write a run's shareable results beside its checkpoints, and return the summary.
-
-    From ``run_dir/last.pt`` this writes ``final.pt`` (the configuration and the final
-    meta-parameters, without optimizer state: what :func:`load_checkpoint` needs) and
-    ``run.json``: the command that continues the run, meta-iterations, tasks seen, wall time,
-    the sessions that trained it (machine, torch, code commit), the validation curve, the
-    training query loss averaged over each validation period, and (unless ``test_tasks=0``) the
-    meta-test result of the final meta-parameters on ``test_tasks`` tasks with every task's
-    accuracy, evaluated on ``device``.
+def training_summary(run_dir: str | Path) -> dict[str, Any]:
+    """What ``run_dir/last.pt`` says of its run's training so far, writing nothing: the command that
+    continues it, the configuration, meta-iterations, tasks seen, wall time, the sessions that
+    trained it (machine, torch, code commit), the validation curve and the training query loss
+    averaged over each validation period. :func:`export_run` records this in ``run.json``; a run
+    still in training (no ``run.json`` yet) is described by it as far as it got.
     """
-    run_dir = Path(run_dir)
-    last = run_dir / "last.pt"
+    return _training_summary(_last_checkpoint(run_dir), Path(run_dir))
+
+
+def _last_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    last = Path(run_dir) / "last.pt"
     if not last.exists():
         raise FileNotFoundError(f"no checkpoint at {last}: train the run first")
-    state = torch.load(last, map_location="cpu", weights_only=True)
+    return torch.load(last, map_location="cpu", weights_only=True)
+
+
+def _training_summary(state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     config, history, iteration = TrainConfig.from_dict(state["config"]), state["history"], state["iteration"]
-    save_checkpoint(run_dir / "final.pt", meta_learned_state(state))
     train_losses, bins, start = [v["query_loss"] for v in history["train"]], [], 0
     for val in history["val"]:
         window = train_losses[start : val["iteration"]]
         bins.append({"iteration": val["iteration"], "query_loss": sum(window) / max(len(window), 1)})
         start = val["iteration"]
-    summary = {
+    return {
         "command": train_command(config, run_dir) + " --resume",
         "config": asdict(config),
         "iterations": iteration,
@@ -817,8 +818,23 @@ def export_run(run_dir: str | Path, *, test_tasks: int = 600, device: str = "cpu
         "val": history["val"],
         "train": bins,
     }
+
+
+def export_run(run_dir: str | Path, *, test_tasks: int = 600, device: str = "cpu") -> dict[str, Any]:
+    """Write a run's shareable results beside its checkpoints, and return the summary.
+
+    From ``run_dir/last.pt`` this writes ``final.pt`` (the configuration and the final
+    meta-parameters, without optimizer state: what :func:`load_checkpoint` needs) and
+    ``run.json``: :func:`training_summary` and (unless ``test_tasks=0``) the meta-test result of
+    the final meta-parameters on ``test_tasks`` tasks with every task's accuracy, evaluated on
+    ``device``.
+    """
+    run_dir = Path(run_dir)
+    state = _last_checkpoint(run_dir)
+    save_checkpoint(run_dir / "final.pt", meta_learned_state(state))
+    summary = _training_summary(state, run_dir)
     if test_tasks:
-        _, problem, phi = load_checkpoint(run_dir / "final.pt", device)
+        config, problem, phi = load_checkpoint(run_dir / "final.pt", device)
         summary["test"] = evaluate(config, phi, problem, num_tasks=test_tasks, per_task=True)
     (run_dir / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
