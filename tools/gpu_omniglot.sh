@@ -8,8 +8,9 @@
 # (`train --time-limit`; a run continues from its last.pt at the next call):
 #   * gpu/maml-5w1s (gbml.protocols.GPU_RUNS): Finn et al.'s protocol exactly (batch norm's shift
 #     not a fast weight), new, towards the paper's 60,000 meta-iterations, in results/omniglot/gpu/;
-#   * imaml-5w5s on Rajeswaran et al.'s protocol, new, in results/omniglot/imaml-5w5s (GPU only:
-#     imaml-5w1s takes seconds per meta-iteration on one CPU thread, and 5-shot tasks hold 5x the images);
+#   * imaml-5w5s on Rajeswaran et al.'s protocol, in results/omniglot/imaml-5w5s, continued from its
+#     CPU checkpoint (or new without one: on one CPU thread it takes about 16 s per meta-iteration, so
+#     its 20,000 would take days there);
 #   * maml-20w1s, fomaml-20w1s and imaml-5w1s continued from their committed checkpoints.
 # Training runs with TF32 off (`gbml.training.train` computes in exact float32 and each session's
 # record says "tf32": false). Nothing is evaluated on the test split here: `python -m gbml export`
