@@ -23,7 +23,9 @@ says of them:
   average), on the same 600 validation tasks: how far accuracy swings from one checkpoint to the
   next, and whether φ wanders around a better point that no single checkpoint reaches (the average
   against the latest and the best checkpoint, paired). The average and the latest checkpoint are
-  then scored on the 600 test tasks of ``run.json``.
+  then scored on the 600 test tasks of ``run.json``. Each window of checkpoints is kept under
+  ``"averages"``, keyed by its last meta-iteration, so a window measured after the run went on joins
+  the earlier ones.
 
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py evaluate results/omniglot/maml-20w1s \\
         --out results/omniglot/pilots/maml-20w1s-plateau.json
@@ -36,8 +38,9 @@ says of them:
     # while the run trains on, after each checkpoint (every 250 meta-iterations):
     python tools/pilot_maml_20w1s_plateau.py snapshot results/omniglot/maml-20w1s/last.pt \\
         --out results/omniglot/pilots/maml-20w1s-checkpoints
+    # a window of 2,000 meta-iterations (29,000-31,000 and 32,000-34,000 are committed), in bash:
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py average \\
-        results/omniglot/pilots/maml-20w1s-checkpoints/*.pt \\
+        results/omniglot/pilots/maml-20w1s-checkpoints/{32000..34000..250}.pt \\
         --out results/omniglot/pilots/maml-20w1s-plateau.json
 """
 
@@ -194,6 +197,21 @@ def measure_average(checkpoints: list[Path], tasks: int) -> dict:
     }
 
 
+def with_averages_by_window(record: dict) -> dict:
+    """``record`` with its averages under ``"averages"``, keyed by each window's last meta-iteration
+    (so that a later window, after the run went on, joins the earlier ones): a record written
+    before there was more than one window holds its one under ``"average"``."""
+    record = dict(record)
+    averages = record.setdefault("averages", {})
+    if "average" in record:
+        window = str(record["average"]["val"]["checkpoints"][-1]["iteration"])
+        averages[window] = record.pop("average")
+        for key in ("machines", "sources"):
+            if "average" in record.get(key, {}):
+                record[key][f"average {window}"] = record[key].pop("average")
+    return record
+
+
 def strip_to_snapshot(last: Path, folder: Path) -> Path:
     """``last.pt`` as ``export`` strips it for ``final.pt`` (:func:`gbml.training.meta_learned_state`),
     saved as ``folder/<meta-iteration>.pt``: a few hundred KB a checkpoint, small enough to commit."""
@@ -247,9 +265,13 @@ def main() -> None:
     else:
         if not args.more:
             parser.error("average needs at least two checkpoints")
-        record["average"] = measure_average([args.run_dir, *args.more], args.tasks)
-    record.setdefault("machines", {})[args.part] = machine_description(torch.device("cpu"))
-    record.setdefault("sources", {})[args.part] = source_revision()
+        record = with_averages_by_window(record)
+        measured = measure_average([args.run_dir, *args.more], args.tasks)
+        window = str(measured["val"]["checkpoints"][-1]["iteration"])
+        record["averages"][window] = measured
+    part = f"average {window}" if args.part == "average" else args.part
+    record.setdefault("machines", {})[part] = machine_description(torch.device("cpu"))
+    record.setdefault("sources", {})[part] = source_revision()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
 
