@@ -217,12 +217,21 @@ def published_name(name: str) -> str:
     return name.removeprefix(f"{GPU_FOLDER}/")
 
 
+def _runs_holding(results: Path, filename: str) -> list[Path]:
+    """Every ``<name>/`` and ``gpu/<name>/`` under ``results`` that holds ``filename``."""
+    found = [*results.glob(f"*/{filename}"), *results.glob(f"{GPU_FOLDER}/*/{filename}")]
+    return [path.parent for path in found]
+
+
+def _by_name(results: Path, folders: list[Path]) -> dict[str, Path]:
+    return dict(sorted((folder.relative_to(results).as_posix(), folder) for folder in folders))
+
+
 def committed_runs(results: str | Path) -> dict[str, Path]:
     """The runs exported under ``results`` (the book's ``results/omniglot``), by name, sorted: each
     ``<name>/`` and ``gpu/<name>/`` that holds a run.json (pilots and abandoned runs lie deeper)."""
     results = Path(results)
-    found = [*results.glob("*/run.json"), *results.glob(f"{GPU_FOLDER}/*/run.json")]
-    return dict(sorted((path.parent.relative_to(results).as_posix(), path.parent) for path in found))
+    return _by_name(results, _runs_holding(results, "run.json"))
 
 
 def runs_in_training(results: str | Path) -> dict[str, Path]:
@@ -230,14 +239,8 @@ def runs_in_training(results: str | Path) -> dict[str, Path]:
     ``<name>/`` and ``gpu/<name>/`` that holds a last.pt and no run.json
     (:func:`gbml.training.training_summary` says how far one got)."""
     results = Path(results)
-    found = [*results.glob("*/last.pt"), *results.glob(f"{GPU_FOLDER}/*/last.pt")]
-    return dict(
-        sorted(
-            (path.parent.relative_to(results).as_posix(), path.parent)
-            for path in found
-            if not (path.parent / "run.json").exists()
-        )
-    )
+    started = [folder for folder in _runs_holding(results, "last.pt") if not (folder / "run.json").exists()]
+    return _by_name(results, started)
 
 
 def smoke_version(config: TrainConfig, iterations: int = 4) -> TrainConfig:
