@@ -47,6 +47,7 @@ says of them:
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import sys
@@ -200,8 +201,9 @@ def measure_average(checkpoints: list[Path], tasks: int) -> dict:
 def with_averages_by_window(record: dict) -> dict:
     """``record`` with its averages under ``"averages"``, keyed by each window's last meta-iteration
     (so that a later window, after the run went on, joins the earlier ones): a record written
-    before there was more than one window holds its one under ``"average"``."""
-    record = dict(record)
+    before there was more than one window holds its one under ``"average"``. ``record`` itself is
+    left as it was."""
+    record = copy.deepcopy(record)
     averages = record.setdefault("averages", {})
     if "average" in record:
         window = str(record["average"]["val"]["checkpoints"][-1]["iteration"])
