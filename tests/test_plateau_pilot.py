@@ -2,7 +2,6 @@
 prints and asserts: its snapshots load with the public loader, and its averages of checkpoints are
 checked against evaluations and means computed here, on a tiny run of the shipped miniature."""
 
-import copy
 import itertools
 
 import pytest
@@ -90,23 +89,3 @@ def test_a_window_needs_distinct_checkpoints_of_one_run(pilot, snapshots, tmp_pa
     torch.save(other, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="one run"):
         pilot.measure_average([snapshots[0], tmp_path / "other.pt"], 3)
-
-
-def test_a_one_window_record_moves_under_averages_keyed_by_its_last_meta_iteration(pilot):
-    window = {"val": {"checkpoints": [{"iteration": 29000}, {"iteration": 31000}]}, "test": {}}
-    old = {
-        "evaluate": {"iteration": 31000},
-        "average": window,
-        "machines": {"evaluate": "cpu A", "average": "cpu B"},
-        "sources": {"evaluate": "abc", "average": "def"},
-    }
-    before = copy.deepcopy(old)
-    new = pilot.with_averages_by_window(old)
-    assert old == before  # the record passed in is left alone
-    assert new == {
-        "evaluate": {"iteration": 31000},
-        "averages": {"31000": window},
-        "machines": {"evaluate": "cpu A", "average 31000": "cpu B"},
-        "sources": {"evaluate": "abc", "average 31000": "def"},
-    }
-    assert pilot.with_averages_by_window(new) == new  # a record already by window stays as it is

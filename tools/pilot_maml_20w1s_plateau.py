@@ -47,7 +47,6 @@ them and asserts what it says of them:
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import sys
@@ -198,22 +197,6 @@ def measure_average(checkpoints: list[Path], tasks: int) -> dict:
     }
 
 
-def with_averages_by_window(record: dict) -> dict:
-    """``record`` with its averages under ``"averages"``, keyed by each window's last meta-iteration
-    (so that a later window, after the run went on, joins the earlier ones): a record written
-    before there was more than one window holds its one under ``"average"``. ``record`` itself is
-    left as it was."""
-    record = copy.deepcopy(record)
-    averages = record.setdefault("averages", {})
-    if "average" in record:
-        window = str(record["average"]["val"]["checkpoints"][-1]["iteration"])
-        averages[window] = record.pop("average")
-        for key in ("machines", "sources"):
-            if "average" in record.get(key, {}):
-                record[key][f"average {window}"] = record[key].pop("average")
-    return record
-
-
 def strip_to_snapshot(last: Path, folder: Path) -> Path:
     """``last.pt`` as ``export`` strips it for ``final.pt`` (:func:`gbml.training.meta_learned_state`),
     saved as ``folder/<meta-iteration>.pt``: a few hundred KB a checkpoint, small enough to commit."""
@@ -267,7 +250,7 @@ def main() -> None:
     else:
         if not args.more:
             parser.error("average needs at least two checkpoints")
-        record = with_averages_by_window(record)
+        record.setdefault("averages", {})  # keyed by each window's last meta-iteration
         measured = measure_average([args.run_dir, *args.more], args.tasks)
         window = str(measured["val"]["checkpoints"][-1]["iteration"])
         record["averages"][window] = measured
