@@ -38,8 +38,8 @@ them and asserts what it says of them:
     # while the run trains on, after each checkpoint (every 250 meta-iterations):
     python tools/pilot_maml_20w1s_plateau.py snapshot results/omniglot/maml-20w1s/last.pt \\
         --out results/omniglot/pilots/maml-20w1s-checkpoints
-    # a window of 2,000 meta-iterations (29,000-31,000, 32,000-34,000, 35,500-37,500,
-    # 38,250-40,250 committed), in bash:
+    # a window of 2,000 meta-iterations, in bash (the committed windows are the keys of the
+    # JSON's "averages"):
     GBML_DATA_DIR=... python tools/pilot_maml_20w1s_plateau.py average \\
         results/omniglot/pilots/maml-20w1s-checkpoints/{32000..34000..250}.pt \\
         --out results/omniglot/pilots/maml-20w1s-plateau.json
